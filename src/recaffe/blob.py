@@ -218,13 +218,14 @@ class Blob:
             raise ValueError(f"cannot copy a blob of shape {shape} into one of shape {self._shape}")
         n = self.count()
         values = _proto_values(proto, "data")
+        # Copy into the existing tensors: numpy views users hold and shared params stay live.
         if values is not None:
             if values.size != n:
                 raise ValueError(f"blob proto holds {values.size} data values for shape {shape}")
-            self._set(self._data, _to_tensor(values.reshape(self._shape), self))
+            self.data_t.copy_(_to_tensor(values.reshape(self._shape), self))
         diff = _proto_values(proto, "diff")
         if diff is not None and diff.size == n:
-            self._set(self._diff, _to_tensor(diff.reshape(self._shape), self))
+            self.diff_t.copy_(_to_tensor(diff.reshape(self._shape), self))
 
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.BlobProto:
         proto = caffe_pb2.BlobProto()

@@ -1,7 +1,24 @@
-"""Data layers: Input (blobs fed from Python), and layers that read data into the net."""
+"""Data layers: Input (blobs fed from Python), DummyData (filler-made tops) and Data (Datums read
+from an LMDB or LevelDB database, transformed and prefetched in a background thread)."""
 from __future__ import annotations
 
+import weakref
+import zlib
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from .. import rng
+from ..data.db import DBError, get_db, READ
+from ..data.prefetch import Prefetcher
+from ..data.transformer import DataTransformer, TransformError
+from ..fillers import fill
 from ..layer import Layer, register
+from ..log import get_logger
+from ..proto import caffe_pb2
+
+log = get_logger(__name__)
 
 
 @register("Input")
@@ -24,3 +41,240 @@ class InputLayer(Layer):
 
     def forward(self, bottom, top):
         pass
+
+
+@register("DummyData")
+class DummyDataLayer(Layer):
+    """Tops of fixed shapes filled by fillers (default: constant 0).
+
+    Constant fillers fill their tops once at setup; any other filler refills its top on every
+    forward, as in Caffe.
+    """
+
+    exact_num_bottom_blobs = 0
+    min_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.dummy_data_param
+        num_top = len(top)
+        nf = len(p.data_filler)
+        if nf not in (0, 1, num_top):
+            raise self.error(f"Number of data fillers must be 0, 1 or equal to the number of tops: "
+                             f"{num_top}; you specified {nf} data fillers.")
+        legacy = bool(len(p.num) or len(p.channels) or len(p.height) or len(p.width))
+        if legacy:
+            if len(p.shape):
+                raise self.error("Both shape and legacy fields (num, channels, height, width) were "
+                                 "specified")
+            for field in ("num", "channels", "height", "width"):
+                k = len(getattr(p, field))
+                if k not in (1, num_top):
+                    raise self.error(f"Must specify '{field}' once, or once per top blob ({num_top}); "
+                                     f"specified {k}.")
+        elif len(p.shape) not in (1, num_top):
+            raise self.error(f"Must specify 'shape' once, or once per top blob ({num_top}); "
+                             f"specified {len(p.shape)}.")
+
+        if nf == 0:
+            fp = caffe_pb2.FillerParameter(type="constant", value=0)
+            self.fillers = [fp]
+        else:
+            self.fillers = list(p.data_filler)
+        # Constant tops are filled here once; the others on every forward.
+        self.refill = [f.type != "constant" for f in self.fillers]
+
+        def pick(values, i):
+            return values[0] if len(values) == 1 else values[i]
+
+        for i, t in enumerate(top):
+            if legacy:
+                shape = tuple(pick(getattr(p, f), i) for f in ("num", "channels", "height", "width"))
+            else:
+                shape = tuple(pick(p.shape, i).dim)
+            try:
+                t.reshape(shape)
+            except ValueError as e:
+                raise self.error(str(e)) from None
+        self._fill(top, constant=True)
+
+    def _fill(self, top, constant: bool) -> None:
+        for i, t in enumerate(top):
+            fid = i if len(self.fillers) > 1 else 0
+            if self.refill[fid] != constant:
+                try:
+                    fill(t, self.fillers[fid])
+                except ValueError as e:
+                    raise self.error(str(e)) from None
+
+    def reshape(self, bottom, top):
+        pass  # fixed shapes
+
+    def forward(self, bottom, top):
+        self._fill(top, constant=False)
+
+
+class _BatchReader:
+    """Reads and transforms batches; runs in the prefetch thread and never references the layer."""
+
+    def __init__(self, db, cursor, transformer: DataTransformer, batch_size: int, output_labels: bool,
+                 dtype: torch.dtype, pin: bool, where: str):
+        self.db = db
+        self.cursor = cursor
+        self.transformer = transformer
+        self.batch_size = batch_size
+        self.output_labels = output_labels
+        self.dtype = dtype
+        self.np_dtype = transformer.dtype
+        self.pin = pin
+        self.where = where
+
+    def advance(self) -> None:
+        """Caffe's DataLayer::Next: step the cursor, wrapping around at the end."""
+        self.cursor.next()
+        if not self.cursor.valid():
+            log.info("Restarting data prefetching from start.")
+            self.cursor.seek_to_first()
+
+    def read_datum(self) -> caffe_pb2.Datum:
+        datum = caffe_pb2.Datum()
+        try:
+            datum.ParseFromString(self.cursor.value())
+        except DecodeError:
+            raise DBError(f"{self.where}: record {self.cursor.key()!r} is not a Datum") from None
+        return datum
+
+    def load_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        datums = []
+        for _ in range(self.batch_size):
+            datums.append(self.read_datum())
+            self.advance()
+        data = torch.from_numpy(self.transformer.transform_datums(datums))
+        labels = None
+        if self.output_labels:
+            labels = torch.from_numpy(np.array([d.label for d in datums], dtype=self.np_dtype))
+        if self.pin:
+            data = data.pin_memory()
+            labels = labels.pin_memory() if labels is not None else None
+        return data, labels
+
+    def close(self) -> None:
+        try:
+            self.cursor.close()
+        finally:
+            self.db.close()
+
+
+@register("Data")
+class DataLayer(Layer):
+    """Datums from an LMDB or LevelDB (``data_param``), transformed by ``transform_param``.
+
+    Tops: data (batch_size, C, H, W) and optionally label (batch_size,) as floats. The database
+    is read in key order and wraps around at its end. A background thread keeps
+    ``data_param.prefetch`` batches ready (0 loads each batch in ``forward``); it stops when
+    the layer is garbage-collected, at exit, or on :meth:`close`.
+    """
+
+    exact_num_bottom_blobs = 0
+    min_top_blobs = 1
+    max_top_blobs = 2
+
+    def __init__(self, param, dtype=torch.float32, device="cpu"):
+        super().__init__(param, dtype=dtype, device=device)
+        self._prefetcher: Prefetcher | None = None
+        self._reader: _BatchReader | None = None
+        dp = param.data_param
+        if not dp.source:
+            raise self.error("data_param.source (the database path) is required")
+        # Caffe opens the database when the layer is created.
+        self._db = get_db(dp.backend)
+        try:
+            self._db.open(dp.source, READ)
+        except DBError as e:
+            raise self.error(str(e)) from None
+
+    def _transform_param(self) -> caffe_pb2.TransformationParameter:
+        """transform_param, with the deprecated data_param fields moved in as Caffe's upgrade does."""
+        tp = caffe_pb2.TransformationParameter()
+        tp.CopyFrom(self.layer_param.transform_param)
+        dp = self.layer_param.data_param
+        for field in ("scale", "mean_file", "crop_size", "mirror"):
+            if dp.HasField(field):
+                setattr(tp, field, getattr(dp, field))
+        if dp.force_encoded_color and not tp.force_gray:
+            tp.force_color = True
+        return tp
+
+    def layer_setup(self, bottom, top):
+        dp = self.layer_param.data_param
+        batch_size = int(dp.batch_size)
+        if batch_size <= 0:
+            raise self.error("data_param.batch_size must be positive")
+        where = f"{self._db.backend} {dp.source!r}"
+        # Crops and mirrors draw from a generator seeded from the global seed (and the layer), so
+        # runs repeat exactly.
+        seq = [rng.get_seed() & 0xFFFFFFFF, zlib.crc32(self.name.encode()), int(self.phase)]
+        gen = np.random.default_rng(seq)
+        try:
+            transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
+        except TransformError as e:
+            raise self.error(str(e)) from None
+        cursor = self._db.new_cursor()
+        if not cursor.valid():
+            raise self.error(f"{where} holds no records")
+        if dp.rand_skip:
+            skip = int(gen.integers(dp.rand_skip))
+            log.info("Skipping first %d data points.", skip)
+            for _ in range(skip):
+                cursor.next()
+                if not cursor.valid():
+                    cursor.seek_to_first()
+        reader = _BatchReader(self._db, cursor, transformer, batch_size, len(top) > 1, self.dtype,
+                              pin=self.device.type == "cuda", where=where)
+        try:
+            shape = transformer.infer_blob_shape(reader.read_datum())
+        except (TransformError, DBError) as e:
+            raise self.error(str(e)) from None
+        shape[0] = batch_size
+        top[0].reshape(shape)
+        log.info("output data size: %d,%d,%d,%d", top[0].num, top[0].channels, top[0].height,
+                 top[0].width)
+        if len(top) > 1:
+            top[1].reshape((batch_size,))
+        self._reader = reader
+        if dp.prefetch > 0:
+            self._prefetcher = Prefetcher(reader.load_batch, int(dp.prefetch),
+                                          name=f"recaffe-data-{self.name}", on_exit=reader.close)
+            # Stops the thread when the layer is collected or at exit; holds no reference to self.
+            self._finalizer = weakref.finalize(self, self._prefetcher.close)
+        else:
+            self._finalizer = weakref.finalize(self, reader.close)
+
+    def reshape(self, bottom, top):
+        pass  # tops take each batch's shape in forward
+
+    def _next_batch(self):
+        try:
+            if self._prefetcher is not None:
+                return self._prefetcher.get()
+            return self._reader.load_batch()
+        except (TransformError, DBError) as e:
+            raise self.error(str(e)) from None
+
+    def forward(self, bottom, top):
+        if self._reader is None:
+            raise self.error("forward called before setup (or after close)")
+        data, labels = self._next_batch()
+        dev = self.device
+        top[0].reshape(tuple(data.shape))
+        top[0].data_t = data.to(dev, non_blocking=True) if dev.type != "cpu" else data
+        if len(top) > 1:
+            top[1].reshape(tuple(labels.shape))
+            top[1].data_t = labels.to(dev, non_blocking=True) if dev.type != "cpu" else labels
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the database (the layer cannot forward afterwards)."""
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+        elif getattr(self, "_db", None) is not None:
+            self._db.close()
+        self._reader = None

@@ -1,0 +1,353 @@
+"""Key-value databases as Caffe's ``caffe::db``: an LMDB backend and a LevelDB backend.
+
+The interface mirrors Caffe's so data tools and layers read both the same way::
+
+    db = open_db("lmdb", "mnist_train_lmdb", READ)
+    cur = db.new_cursor()            # positioned on the first record
+    while cur.valid():
+        use(cur.key(), cur.value())
+        cur.next()
+
+    db = open_db("lmdb", "out_lmdb", NEW)
+    txn = db.new_transaction()
+    txn.put(b"00000000", datum.SerializeToString())
+    txn.commit()
+
+Modes as Caffe's: ``READ`` (read only, the database must exist), ``WRITE`` (create if missing),
+``NEW`` (the database must not exist yet). Problems raise :class:`DBError` naming the backend and
+path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from ..log import get_logger
+from ..proto import caffe_pb2
+
+log = get_logger(__name__)
+
+READ, WRITE, NEW = "read", "write", "new"
+_MODES = (READ, WRITE, NEW)
+
+
+class DBError(RuntimeError):
+    """A database that cannot be opened, read or written; the message names backend and path."""
+
+
+# ---------------------------------------------------------------------------- interface
+class Cursor:
+    """Iterates over a database's records in key order (bytes keys and values)."""
+
+    def seek_to_first(self) -> None:
+        raise NotImplementedError
+
+    def next(self) -> None:
+        raise NotImplementedError
+
+    def key(self) -> bytes:
+        raise NotImplementedError
+
+    def value(self) -> bytes:
+        raise NotImplementedError
+
+    def valid(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every record from the current position to the end."""
+        while self.valid():
+            yield self.key(), self.value()
+            self.next()
+
+
+class Transaction:
+    """Buffered writes; nothing reaches the database before :meth:`commit`."""
+
+    def put(self, key: bytes | str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+
+class DB:
+    backend = ""
+
+    def open(self, source: str | os.PathLike, mode: str = READ) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def new_cursor(self) -> Cursor:
+        raise NotImplementedError
+
+    def new_transaction(self) -> Transaction:
+        raise NotImplementedError
+
+    def __enter__(self) -> "DB":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_mode(self, mode: str) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"unknown database mode {mode!r}; use one of {', '.join(_MODES)}")
+
+
+def _key_bytes(key: bytes | str) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+# --------------------------------------------------------------------------------- LMDB
+class LMDB(DB):
+    backend = "LMDB"
+    # Writers start with a 1 GiB map (sparse on disk) and double it whenever a commit finds it full.
+    INITIAL_MAP_SIZE = 1 << 30
+
+    def __init__(self) -> None:
+        self.env = None
+        self.source = ""
+
+    def open(self, source, mode=READ):
+        import lmdb
+
+        self._check_mode(mode)
+        source = os.fspath(source)
+        self.source = source
+        what = f"cannot open LMDB {source!r}"
+        if mode == NEW:
+            try:
+                os.mkdir(source, 0o744)
+            except FileExistsError:
+                raise DBError(f"cannot create LMDB {source!r}: it already exists "
+                              f"(remove it or choose another path)") from None
+            except OSError as e:
+                raise DBError(f"cannot create LMDB {source!r}: {e.strerror}") from None
+        elif mode == READ:
+            if not os.path.exists(source):
+                raise DBError(f"{what}: no such directory")
+            if not os.path.isdir(source):
+                raise DBError(f"{what}: not a directory (an LMDB is a folder holding data.mdb)")
+            if not os.path.exists(os.path.join(source, "data.mdb")):
+                raise DBError(f"{what}: the directory holds no data.mdb")
+        else:
+            os.makedirs(source, exist_ok=True)
+        try:
+            if mode == READ:
+                # Caffe reads with MDB_RDONLY | MDB_NOTLS (py-lmdb always sets MDB_NOTLS).
+                try:
+                    self.env = lmdb.open(source, readonly=True, create=False, lock=True,
+                                         readahead=False, max_readers=126)
+                except lmdb.Error as e:
+                    # A read-only folder cannot hold the lock file: read without locking, as
+                    # Caffe built with ALLOW_LMDB_NOLOCK does.
+                    if "ermission" not in str(e) and "read-only" not in str(e).lower():
+                        raise
+                    log.warning("LMDB %s: cannot create its lock file (%s); reading without locks",
+                                source, e)
+                    self.env = lmdb.open(source, readonly=True, create=False, lock=False,
+                                         readahead=False)
+            else:
+                self.env = lmdb.open(source, map_size=self.INITIAL_MAP_SIZE, create=True,
+                                     subdir=True, readahead=False)
+        except lmdb.Error as e:
+            raise DBError(f"{what}: {e}") from None
+        log.info("Opened lmdb %s", source)
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def _env(self):
+        if self.env is None:
+            raise DBError(f"LMDB {self.source!r} is not open")
+        return self.env
+
+    def new_cursor(self):
+        return _LMDBCursor(self._env(), self.source)
+
+    def new_transaction(self):
+        return _LMDBTransaction(self._env(), self.source)
+
+    def __len__(self) -> int:
+        return self._env().stat()["entries"]
+
+
+class _LMDBCursor(Cursor):
+    """Holds one read transaction for its whole life (a consistent snapshot), as Caffe's."""
+
+    def __init__(self, env, source: str):
+        self.source = source
+        self._txn = env.begin(write=False, buffers=False)
+        self._cur = self._txn.cursor()
+        self._valid = False
+        self.seek_to_first()
+
+    def seek_to_first(self):
+        self._valid = self._cur.first()
+
+    def next(self):
+        self._valid = self._cur.next()
+
+    def key(self):
+        return self._cur.key()
+
+    def value(self):
+        return self._cur.value()
+
+    def valid(self):
+        return self._valid
+
+    def close(self):
+        if self._txn is not None:
+            self._cur.close()
+            self._txn.abort()
+            self._txn = None
+            self._valid = False
+
+
+class _LMDBTransaction(Transaction):
+    def __init__(self, env, source: str):
+        self.env = env
+        self.source = source
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def put(self, key, value):
+        self._pending.append((_key_bytes(key), bytes(value)))
+
+    def commit(self):
+        import lmdb
+
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    cur = txn.cursor()
+                    cur.putmulti(self._pending)
+                break
+            except lmdb.MapFullError:
+                # Same as Caffe: grow the map and redo the whole batch in a fresh transaction.
+                size = self.env.info()["map_size"] * 2
+                log.info("Doubling LMDB map size to %dMB ...", size >> 20)
+                self.env.set_mapsize(size)
+            except lmdb.Error as e:
+                raise DBError(f"cannot write to LMDB {self.source!r}: {e}") from None
+        self._pending = []
+
+
+# ------------------------------------------------------------------------------ LevelDB
+class LevelDB(DB):
+    backend = "LevelDB"
+
+    def __init__(self) -> None:
+        self.db = None
+        self.source = ""
+
+    def open(self, source, mode=READ):
+        try:
+            import plyvel
+        except ImportError:
+            raise DBError(f"cannot open LevelDB {os.fspath(source)!r}: the LevelDB backend needs the "
+                          f"'plyvel' package (pip install plyvel), or use backend LMDB") from None
+        self._check_mode(mode)
+        source = os.fspath(source)
+        self.source = source
+        what = f"cannot open LevelDB {source!r}"
+        if mode == READ and not os.path.exists(source):
+            raise DBError(f"{what}: no such directory")
+        if mode == NEW and os.path.exists(source):
+            raise DBError(f"cannot create LevelDB {source!r}: it already exists "
+                          f"(remove it or choose another path)")
+        try:
+            # Caffe's options: 64 KiB blocks, 256 MiB write buffer, 100 open files.
+            self.db = plyvel.DB(source, create_if_missing=mode != READ, error_if_exists=mode == NEW,
+                                block_size=65536, write_buffer_size=268435456, max_open_files=100)
+        except plyvel.Error as e:
+            raise DBError(f"{what}: {e}") from None
+        except OSError as e:
+            raise DBError(f"{what}: {e}") from None
+        log.info("Opened leveldb %s", source)
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def _db(self):
+        if self.db is None:
+            raise DBError(f"LevelDB {self.source!r} is not open")
+        return self.db
+
+    def new_cursor(self):
+        return _LevelDBCursor(self._db())
+
+    def new_transaction(self):
+        return _LevelDBTransaction(self._db())
+
+
+class _LevelDBCursor(Cursor):
+    def __init__(self, db):
+        self._snapshot = db.snapshot()
+        self._it = self._snapshot.raw_iterator()
+        self.seek_to_first()
+
+    def seek_to_first(self):
+        self._it.seek_to_first()
+
+    def next(self):
+        self._it.next()
+
+    def key(self):
+        return self._it.key()
+
+    def value(self):
+        return self._it.value()
+
+    def valid(self):
+        return self._it.valid()
+
+    def close(self):
+        self._it.close()
+        self._snapshot.close()
+
+
+class _LevelDBTransaction(Transaction):
+    def __init__(self, db):
+        self.db = db
+        self._batch = db.write_batch()
+
+    def put(self, key, value):
+        self._batch.put(_key_bytes(key), bytes(value))
+
+    def commit(self):
+        self._batch.write()
+        self._batch = self.db.write_batch()
+
+
+# ------------------------------------------------------------------------------ factory
+def get_db(backend: str | int) -> DB:
+    """A closed database object for ``backend``: "lmdb"/"leveldb" or ``DataParameter.DB`` values."""
+    if isinstance(backend, int):
+        if backend == caffe_pb2.DataParameter.LMDB:
+            return LMDB()
+        if backend == caffe_pb2.DataParameter.LEVELDB:
+            return LevelDB()
+        raise DBError(f"Unknown db backend {backend}")
+    name = str(backend).lower()
+    if name == "lmdb":
+        return LMDB()
+    if name == "leveldb":
+        return LevelDB()
+    raise DBError(f"Unknown db backend {backend!r}: use lmdb or leveldb")
+
+
+def open_db(backend: str | int, source: str | os.PathLike, mode: str = READ) -> DB:
+    db = get_db(backend)
+    db.open(source, mode)
+    return db

@@ -1,0 +1,262 @@
+"""Caffe's DataTransformer: Datum -> float array, with crop, mirror, mean subtraction and scale.
+
+For every item, in Caffe's order:
+
+1. decode: ``data`` (uint8 CHW bytes) or ``float_data``; ``encoded`` datums are image files
+   decoded with Pillow into BGR(A) channel order as OpenCV does (``force_color`` -> 3 channels,
+   ``force_gray`` -> 1 channel, else the file's own channels);
+2. crop to ``crop_size`` x ``crop_size``: a random offset in TRAIN, the centre (rounded down) in TEST;
+3. subtract the mean: ``mean_file`` (a BlobProto the size of the *uncropped* datum, cropped at the
+   same offset) or ``mean_value`` (one for all channels or one per channel);
+4. multiply by ``scale``;
+5. mirror (flip left-right) when ``mirror`` is set and a coin flip says so, TRAIN and TEST alike.
+
+``value = (pixel - mean) * scale`` is computed in the output dtype, as Caffe computes it in Dtype.
+Batches of equally sized items are transformed with whole-array numpy operations.
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import rng as _rng
+from ..blob import Blob
+from ..io.protofiles import ProtoFileError, read_binary
+from ..log import get_logger
+from ..proto import caffe_pb2
+
+log = get_logger(__name__)
+
+
+class TransformError(ValueError):
+    """Data that the transformation parameters cannot apply to (sizes, mean, decoding)."""
+
+
+def _np_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+    return np.dtype(dtype)
+
+
+def decode_image(data: bytes, force_color: bool = False, force_gray: bool = False) -> np.ndarray:
+    """An encoded image file -> uint8 (C, H, W) in OpenCV's channel order (BGR, BGRA or gray)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise TransformError(f"cannot decode the encoded datum ({len(data)} bytes) as an image: {e}") \
+            from None
+    if force_color:
+        img = img.convert("RGB")
+    elif force_gray:
+        img = img.convert("L")
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    elif img.mode == "LA":
+        img = img.convert("RGBA")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    elif img.mode not in ("L", "RGB", "RGBA"):
+        raise TransformError(f"encoded image of mode {img.mode!r}: image data type must be unsigned byte")
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        return arr[None]
+    arr = arr.transpose(2, 0, 1)
+    # OpenCV's order: RGB -> BGR, RGBA -> BGRA.
+    order = [2, 1, 0] + ([3] if arr.shape[0] == 4 else [])
+    return np.ascontiguousarray(arr[order])
+
+
+class DataTransformer:
+    """Applies a ``TransformationParameter`` to Datums or (C, H, W) arrays.
+
+    ``rng`` draws the random crops and mirrors; by default one seeded from ``recaffe.rng``.
+    """
+
+    def __init__(self, param: caffe_pb2.TransformationParameter | None = None,
+                 phase: int = caffe_pb2.TRAIN, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        self.param = param if param is not None else caffe_pb2.TransformationParameter()
+        p = self.param
+        self.phase = phase
+        self.dtype = _np_dtype(dtype)
+        self.scale = np.asarray(p.scale, dtype=self.dtype)
+        self.crop_size = int(p.crop_size)
+        self.mirror = bool(p.mirror)
+        self.rng = rng if rng is not None else np.random.default_rng(_rng.get_seed())
+        self._warned_force = False
+        if p.force_color and p.force_gray:
+            # Caffe checks this when it meets an encoded datum; the combination is never valid.
+            raise TransformError("cannot set both force_color and force_gray")
+        self.mean: np.ndarray | None = None        # (C, H, W) from mean_file
+        self.mean_values: np.ndarray | None = None  # (k,) from mean_value
+        if p.HasField("mean_file"):
+            if len(p.mean_value):
+                raise TransformError("Cannot specify mean_file and mean_value at the same time")
+            log.info("Loading mean file from: %s", p.mean_file)
+            try:
+                proto = read_binary(p.mean_file, caffe_pb2.BlobProto(), what="BlobProto (mean file)")
+            except ProtoFileError as e:
+                raise TransformError(f"cannot read mean_file: {e}") from None
+            blob = Blob((), torch.float64)
+            try:
+                blob.from_proto(proto)
+            except ValueError as e:
+                raise TransformError(f"mean_file {p.mean_file!r}: {e}") from None
+            c, h, w = blob.channels, blob.height, blob.width
+            flat = blob.data.reshape(-1)
+            if flat.size < c * h * w or c * h * w == 0:
+                raise TransformError(f"mean_file {p.mean_file!r} holds no mean image "
+                                     f"(blob shape {blob.shape})")
+            self.mean = flat[:c * h * w].reshape(c, h, w).astype(self.dtype)
+        elif len(p.mean_value):
+            self.mean_values = np.asarray(list(p.mean_value), dtype=self.dtype)
+
+    @property
+    def needs_rand(self) -> bool:
+        return self.mirror or (self.phase == caffe_pb2.TRAIN and self.crop_size > 0)
+
+    # ------------------------------------------------------------------------ decoding
+    def decode(self, datum: caffe_pb2.Datum) -> np.ndarray:
+        """The datum's values as a (C, H, W) array: uint8 for bytes/images, float32 for float_data."""
+        p = self.param
+        if datum.encoded:
+            return decode_image(datum.data, p.force_color, p.force_gray)
+        if (p.force_color or p.force_gray) and not self._warned_force:
+            log.error("force_color and force_gray only for encoded datum")
+            self._warned_force = True
+        c, h, w = datum.channels, datum.height, datum.width
+        if c <= 0 or h <= 0 or w <= 0:
+            raise TransformError(f"datum has shape channels={c} height={h} width={w}; all must be > 0")
+        n = c * h * w
+        if len(datum.data):
+            if len(datum.data) != n:
+                raise TransformError(f"datum holds {len(datum.data)} data bytes, but its shape "
+                                     f"{c}x{h}x{w} needs {n}")
+            return np.frombuffer(datum.data, dtype=np.uint8).reshape(c, h, w)
+        if len(datum.float_data):
+            if len(datum.float_data) != n:
+                raise TransformError(f"datum holds {len(datum.float_data)} float_data values, but its "
+                                     f"shape {c}x{h}x{w} needs {n}")
+            return np.asarray(datum.float_data, dtype=np.float32).reshape(c, h, w)
+        raise TransformError(f"datum of shape {c}x{h}x{w} holds neither data nor float_data")
+
+    # --------------------------------------------------------------------------- shapes
+    def output_shape(self, chw: Sequence[int]) -> tuple[int, int, int]:
+        """The (C, H, W) an item of ``chw`` becomes; checks the crop and the mean against it."""
+        c, h, w = (int(v) for v in chw)
+        crop = self.crop_size
+        if crop and (h < crop or w < crop):
+            raise TransformError(f"crop_size {crop} is larger than the datum ({h}x{w})")
+        if self.mean is not None and self.mean.shape != (c, h, w):
+            raise TransformError(f"the mean_file's mean is {'x'.join(map(str, self.mean.shape))} "
+                                 f"(channels x height x width), the datum is {c}x{h}x{w}")
+        if self.mean_values is not None and self.mean_values.size not in (1, c):
+            raise TransformError(f"Specify either 1 mean_value or as many as channels: {c} "
+                                 f"({self.mean_values.size} given)")
+        return (c, crop, crop) if crop else (c, h, w)
+
+    def infer_blob_shape(self, datum: caffe_pb2.Datum | np.ndarray) -> list[int]:
+        """Caffe's InferBlobShape: ``[1, C, H', W']`` for one transformed item."""
+        arr = datum if isinstance(datum, np.ndarray) else self.decode(datum)
+        return [1, *self.output_shape(arr.shape)]
+
+    # -------------------------------------------------------------------------- transform
+    def transform(self, datum: caffe_pb2.Datum | np.ndarray) -> np.ndarray:
+        """One datum (or a decoded (C, H, W) array) -> transformed (C, H', W')."""
+        arr = datum if isinstance(datum, np.ndarray) else self.decode(datum)
+        return self.transform_arrays([arr])[0]
+
+    def transform_datums(self, datums: Sequence[caffe_pb2.Datum]) -> np.ndarray:
+        """Datums -> (N, C, H', W'); raw uint8 datums of one size are decoded in a single step."""
+        if not datums:
+            raise TransformError("There is no datum to transform")
+        first = datums[0]
+        shape = (first.channels, first.height, first.width)
+        n = shape[0] * shape[1] * shape[2]
+        if (not first.encoded and n > 0 and all(not d.encoded and len(d.data) == n
+                                                and (d.channels, d.height, d.width) == shape
+                                                for d in datums)):
+            if self.param.force_color or self.param.force_gray:
+                self.decode(first)  # logs the "encoded only" complaint once
+            x = np.frombuffer(b"".join([d.data for d in datums]), dtype=np.uint8)
+            return self.transform_arrays(x.reshape(len(datums), *shape))
+        return self.transform_arrays([self.decode(d) for d in datums])
+
+    def transform_arrays(self, arrays: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """A stack (N, C, H, W) or a list of (C, H, W) arrays -> transformed (N, C, H', W').
+
+        Every item must transform to the same shape (the first item's); items of different input
+        sizes are allowed when cropping brings them to one size, as in Caffe.
+        """
+        items = list(arrays) if not isinstance(arrays, np.ndarray) else arrays
+        n = len(items)
+        if n == 0:
+            raise TransformError("There is no datum to transform")
+        in_shapes = [tuple(a.shape) for a in items] if not isinstance(items, np.ndarray) \
+            else [tuple(items.shape[1:])] * n
+        out_shape = self.output_shape(in_shapes[0])
+        for i, s in enumerate(in_shapes[1:], 1):
+            if len(s) != 3:
+                raise TransformError(f"item {i} has shape {s}, expected (channels, height, width)")
+            if self.output_shape(s) != out_shape:
+                raise TransformError(f"item {i} of the batch is {'x'.join(map(str, s))} and transforms "
+                                     f"to {out_shape}, but the batch was shaped {out_shape} from its "
+                                     f"first item")
+        heights = np.array([s[1] for s in in_shapes])
+        widths = np.array([s[2] for s in in_shapes])
+        # Random draws come first, for the whole batch, so the stream does not depend on the path.
+        flips = self.rng.integers(0, 2, size=n).astype(bool) if self.mirror else np.zeros(n, bool)
+        crop = self.crop_size
+        if crop and self.phase == caffe_pb2.TRAIN:
+            h_off = self.rng.integers(0, heights - crop + 1)
+            w_off = self.rng.integers(0, widths - crop + 1)
+        elif crop:
+            h_off, w_off = (heights - crop) // 2, (widths - crop) // 2
+        else:
+            h_off = w_off = np.zeros(n, dtype=np.int64)
+
+        if all(s == in_shapes[0] for s in in_shapes):
+            x = items if isinstance(items, np.ndarray) else np.stack(items)
+            return self._apply(x, h_off, w_off, flips)
+        out = np.empty((n, *out_shape), dtype=self.dtype)
+        for i, a in enumerate(items):
+            out[i] = self._apply(a[None], h_off[i:i + 1], w_off[i:i + 1], flips[i:i + 1])[0]
+        return out
+
+    def _apply(self, x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray, flips: np.ndarray) -> np.ndarray:
+        """Crop, subtract the mean, scale and mirror a stack (N, C, H, W) of one size."""
+        n, c, _, _ = x.shape
+        crop = self.crop_size
+        mean = self.mean
+        if crop:
+            if np.all(h_off == h_off[0]) and np.all(w_off == w_off[0]):
+                hs, ws = slice(h_off[0], h_off[0] + crop), slice(w_off[0], w_off[0] + crop)
+                x = x[:, :, hs, ws]
+                if mean is not None:
+                    mean = mean[:, hs, ws]
+            else:
+                # Per-item offsets: gather rows and columns with broadcast index arrays.
+                r = np.arange(crop)
+                rows = (h_off[:, None] + r)[:, None, :, None]
+                cols = (w_off[:, None] + r)[:, None, None, :]
+                x = x[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
+                if mean is not None:
+                    mean = mean[np.arange(c)[None, :, None, None], rows, cols]
+        out = x.astype(self.dtype)
+        if mean is not None:
+            out -= mean
+        elif self.mean_values is not None:
+            mv = self.mean_values if self.mean_values.size == c else np.repeat(self.mean_values, c)
+            out -= mv.reshape(1, c, 1, 1)
+        out *= self.scale
+        if flips.any():
+            out[flips] = out[flips][..., ::-1]
+        return out

@@ -1,0 +1,290 @@
+"""Normalization layers: BatchNorm, Scale, Bias, MVN."""
+from __future__ import annotations
+
+import torch
+
+from ..fillers import fill
+from ..layer import Layer, canonical_axis, register
+from ..proto import caffe_pb2
+
+
+@register("BatchNorm")
+class BatchNormLayer(Layer):
+    """Normalizes each channel (axis 1) by its batch statistics (TRAIN) or by the stored running
+    statistics (``use_global_stats``, the default in TEST).
+
+    The three param blobs are Caffe's: the running sums of the mean and of the variance (C,), and
+    their common scale factor (1,); the statistics are ``blob / blob2``. They are not learned:
+    setup gives them ``lr_mult: 0`` as Caffe does, and backward leaves their diffs alone.
+    """
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.batch_norm_param
+        self.maf = p.moving_average_fraction
+        self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") \
+            else self.phase == caffe_pb2.TEST
+        self.eps = p.eps
+        self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
+        c = self.channels
+        if not self.check_blobs([(c,), (c,), (1,)]):
+            self.blobs = [self.new_blob((c,)), self.new_blob((c,)), self.new_blob((1,))]
+        # The statistics are masked from the solver, as Caffe does: missing ParamSpecs are added
+        # with lr_mult 0 (the net reads them from this same LayerParameter), and a non-zero one is an
+        # error.
+        for i in range(len(self.blobs)):
+            if len(self.layer_param.param) == i:
+                self.layer_param.param.add().lr_mult = 0.0
+            elif self.layer_param.param[i].lr_mult != 0:
+                raise self.error(f"Cannot configure batch normalization statistics as layer parameters "
+                                 f"(param {i} has lr_mult {self.layer_param.param[i].lr_mult}; it "
+                                 f"must be 0)")
+        self.param_propagate_down = [False] * len(self.blobs)
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes >= 2 and b.shape[1] != self.channels:
+            raise self.error(f"bottom {b.shape} has {b.shape[1]} channels, the layer was set up "
+                             f"for {self.channels}")
+        if top[0] is not b:
+            top[0].reshape_like(b)
+
+    def _stats_view(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] if x.dim() else 1
+        return x.reshape(n, self.channels, -1)  # (N, C, spatial)
+
+    def forward(self, bottom, top):
+        x = self._stats_view(bottom[0].data_t)
+        if self.use_global_stats:
+            s = self.blobs[2].data_t[0]
+            inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)  # a zero scale factor gives 0
+            mean = self.blobs[0].data_t * inv
+            var = self.blobs[1].data_t * inv
+            xc = x - mean.reshape(1, -1, 1)
+        else:
+            mean = x.mean(dim=(0, 2))
+            xc = x - mean.reshape(1, -1, 1)
+            var = (xc * xc).mean(dim=(0, 2))
+            # Running sums: blob = maf * blob + stat, the variance with the m/(m-1) correction.
+            m = bottom[0].count() // self.channels
+            correction = m / (m - 1) if m > 1 else 1.0
+            self.blobs[2].data_t.mul_(self.maf).add_(1)
+            self.blobs[0].data_t.mul_(self.maf).add_(mean)
+            self.blobs[1].data_t.mul_(self.maf).add_(var, alpha=correction)
+        std = torch.sqrt(var + self.eps).reshape(1, -1, 1)
+        y = xc / std
+        self._std = std
+        self._x_norm = y  # kept for backward: the top may be overwritten by a later in-place layer
+        top[0].data_t = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = self._stats_view(top[0].diff_t)
+        if self.use_global_stats:
+            dx = dy / self._std
+        else:
+            y = self._x_norm
+            mean_dy = dy.mean(dim=(0, 2), keepdim=True)
+            mean_dy_y = (dy * y).mean(dim=(0, 2), keepdim=True)
+            dx = (dy - mean_dy - mean_dy_y * y) / self._std
+        bottom[0].diff_t = dx.reshape(bottom[0].shape)
+
+
+def _param_shape(layer: Layer, bottom, axis_param: int, num_axes: int, what: str) -> tuple[int, ...]:
+    """Shape of a learned scale/bias: bottom[0]'s axes from ``axis`` (``num_axes`` of them, -1 = all)."""
+    b = bottom[0]
+    axis = canonical_axis(axis_param, b.num_axes, layer) if b.num_axes else 0
+    if num_axes < -1:
+        raise layer.error(f"num_axes must be non-negative, or -1 to extend to the end of bottom[0]; "
+                          f"got {num_axes}")
+    if num_axes >= 0 and b.num_axes < axis + num_axes:
+        raise layer.error(f"{what} blob's shape extends past bottom[0]'s shape {b.shape} when applied "
+                          f"starting with bottom[0] axis = {axis} (num_axes {num_axes})")
+    end = b.num_axes if num_axes == -1 else axis + num_axes
+    return tuple(b.shape[axis:end])
+
+
+def _broadcast_dims(layer: Layer, bottom, operand_shape: tuple[int, ...], axis_param: int,
+                    what: str) -> tuple[int, int, int]:
+    """(outer, dim, inner) so that bottom[0] is viewed as (outer, dim, inner) against the operand."""
+    b = bottom[0]
+    # A scalar operand applies everywhere; Caffe then ignores the axis.
+    axis = 0 if len(operand_shape) == 0 else canonical_axis(axis_param, b.num_axes, layer)
+    if b.num_axes < axis + len(operand_shape):
+        raise layer.error(f"{what} blob's shape {operand_shape} extends past bottom[0]'s shape {b.shape} "
+                          f"when applied starting with bottom[0] axis = {axis}")
+    if tuple(b.shape[axis:axis + len(operand_shape)]) != tuple(operand_shape):
+        raise layer.error(f"dimension mismatch between bottom[0] {b.shape} (from axis {axis}) and "
+                          f"{what} {operand_shape}")
+    dim = 1
+    for d in operand_shape:
+        dim *= d
+    return b.count(0, axis), dim, b.count(axis + len(operand_shape))
+
+
+@register("Bias")
+class BiasLayer(Layer):
+    """y = x + b, b broadcast over bottom[0]'s axes from ``axis``: a learned param (one bottom,
+    shape from ``num_axes``, filled by ``filler``) or bottom[1]."""
+
+    min_bottom_blobs = 1
+    max_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.bias_param
+        if len(bottom) == 1:
+            shape = _param_shape(self, bottom, p.axis, p.num_axes, "bias")
+            if not self.check_blobs([shape]):
+                self.blobs = [self.new_blob(shape)]
+                fill(self.blobs[0], p.filler)
+        self.param_propagate_down = [True] * len(self.blobs)
+
+    def _bias(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        self.dims = _broadcast_dims(self, bottom, self._bias(bottom).shape,
+                                    self.layer_param.bias_param.axis, "bias")
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        outer, dim, inner = self.dims
+        x = bottom[0].data_t.reshape(outer, dim, inner)
+        b = self._bias(bottom).data_t.reshape(1, dim, 1)
+        top[0].data_t = (x + b).reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        outer, dim, inner = self.dims
+        dy = top[0].diff_t
+        if len(bottom) == 1:
+            if self.param_propagate_down[0]:
+                self.blobs[0].diff_t.add_(dy.reshape(outer, dim, inner).sum(dim=(0, 2)).reshape(
+                    self.blobs[0].shape))
+        elif propagate_down[1]:
+            bottom[1].diff_t = dy.reshape(outer, dim, inner).sum(dim=(0, 2)).reshape(bottom[1].shape)
+        if propagate_down[0]:
+            bottom[0].diff_t = dy
+
+
+@register("Scale")
+class ScaleLayer(Layer):
+    """y = x * s (+ b with ``bias_term``), s broadcast over bottom[0]'s axes from ``axis``: a learned
+    param (one bottom; shape from ``num_axes``, ``filler`` default constant 1) or bottom[1].
+
+    Params: [scale, bias] with one bottom, [bias] with two (as Caffe orders them).
+    """
+
+    min_bottom_blobs = 1
+    max_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.scale_param
+        shapes = []
+        if len(bottom) == 1:
+            shapes.append(_param_shape(self, bottom, p.axis, p.num_axes, "scale"))
+        if p.bias_term:
+            # The bias spans the same axes as the scale (Caffe's internal Bias layer).
+            bias_axes = bottom[1].num_axes if len(bottom) > 1 else p.num_axes
+            shapes.append(_param_shape(self, bottom, p.axis, bias_axes, "bias"))
+        if not self.check_blobs(shapes):
+            self.blobs = [self.new_blob(s) for s in shapes]
+            if len(bottom) == 1:
+                if p.HasField("filler"):
+                    fill(self.blobs[0], p.filler)
+                else:
+                    self.blobs[0].data_t.fill_(1)  # identity by default
+            if p.bias_term:
+                fill(self.blobs[-1], p.bias_filler)
+        self.bias_term = p.bias_term
+        self.param_propagate_down = [True] * len(self.blobs)
+
+    def _scale(self, bottom):
+        return bottom[1] if len(bottom) > 1 else self.blobs[0]
+
+    def reshape(self, bottom, top):
+        p = self.layer_param.scale_param
+        self.dims = _broadcast_dims(self, bottom, self._scale(bottom).shape, p.axis, "scale")
+        if self.bias_term:
+            self.bias_dims = _broadcast_dims(self, bottom, self.blobs[-1].shape, p.axis, "bias")
+        if top[0] is not bottom[0]:
+            top[0].reshape_like(bottom[0])
+
+    def forward(self, bottom, top):
+        outer, dim, inner = self.dims
+        x = bottom[0].data_t
+        self._x = x  # the scale's gradient needs x, which an in-place top overwrites
+        y = x.reshape(outer, dim, inner) * self._scale(bottom).data_t.reshape(1, dim, 1)
+        if self.bias_term:
+            bo, bd, bi = self.bias_dims
+            y = y.reshape(bo, bd, bi) + self.blobs[-1].data_t.reshape(1, bd, 1)
+        top[0].data_t = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        outer, dim, inner = self.dims
+        dy = top[0].diff_t
+        if self.bias_term and self.param_propagate_down[-1]:
+            bo, bd, bi = self.bias_dims
+            self.blobs[-1].diff_t.add_(dy.reshape(bo, bd, bi).sum(dim=(0, 2)).reshape(self.blobs[-1].shape))
+        scale_param = len(bottom) == 1
+        if (scale_param and self.param_propagate_down[0]) or (not scale_param and propagate_down[1]):
+            g = (dy * self._x).reshape(outer, dim, inner).sum(dim=(0, 2))
+            if scale_param:
+                self.blobs[0].diff_t.add_(g.reshape(self.blobs[0].shape))
+            else:
+                bottom[1].diff_t = g.reshape(bottom[1].shape)
+        if propagate_down[0]:
+            s = self._scale(bottom).data_t.reshape(1, dim, 1)
+            bottom[0].diff_t = (dy.reshape(outer, dim, inner) * s).reshape(bottom[0].shape)
+
+
+@register("MVN")
+class MVNLayer(Layer):
+    """Subtracts the mean of each (num, channel) item, or of each num with ``across_channels``, and
+    with ``normalize_variance`` divides by (std + eps): Caffe adds eps to the standard deviation.
+
+    As Caffe, the top takes the bottom's legacy 4-D shape (num, channels, height, width).
+    """
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.mvn_param
+        self.normalize_variance = p.normalize_variance
+        self.across_channels = p.across_channels
+        self.eps = p.eps
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes > 4:
+            raise self.error(f"needs a bottom of at most 4 axes (legacy num/channels/height/width), "
+                             f"got shape {b.shape}")
+        top[0].reshape(b.num, b.channels, b.height, b.width)
+        self.rows = b.num if self.across_channels else b.num * b.channels
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t.reshape(self.rows, -1)
+        y = x - x.mean(dim=1, keepdim=True)
+        if self.normalize_variance:
+            std = torch.sqrt((y * y).mean(dim=1, keepdim=True)) + self.eps
+            y = y / std
+            self._std = std
+            self._y = y
+        top[0].data_t = y.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff_t.reshape(self.rows, -1)
+        dx = dy - dy.mean(dim=1, keepdim=True)
+        if self.normalize_variance:
+            # Caffe's formula (exact for eps = 0): (dy - mean(dy) - mean(dy * y) * y) / (std + eps)
+            y = self._y
+            dx = (dx - (dy * y).mean(dim=1, keepdim=True) * y) / self._std
+        bottom[0].diff_t = dx.reshape(bottom[0].shape)
