@@ -11,7 +11,7 @@ import recaffe
 from recaffe import layer_type_list, set_device, set_mode_cpu, set_mode_gpu, set_random_seed
 from recaffe.net import TEST, TRAIN
 from recaffe.net import Net as _Net
-from recaffe.solvers import SGDSolver as _SGDSolver
+from recaffe import solvers as _solvers
 from recaffe.solvers import get_solver
 
 from . import proto  # noqa: F401  (caffe.proto.caffe_pb2)
@@ -38,12 +38,24 @@ class Net(_Net):
         super().__init__(model, phase, level=level, stages=stages, weights=weights, **kwargs)
 
 
-def SGDSolver(filename):
-    """pycaffe's ``caffe.SGDSolver('solver.prototxt')`` (the file's ``type`` must be SGD)."""
-    solver = get_solver(filename)
-    if not isinstance(solver, _SGDSolver):
-        raise TypeError(f"{filename}: solver type is {solver.type!r}, not SGD; use caffe.get_solver")
-    return solver
+def _solver_constructor(cls):
+    def construct(filename):
+        solver = get_solver(filename)
+        if type(solver) is not cls:
+            raise TypeError(f"{filename}: the solver file's type is {solver.type!r}, not {cls.type!r}; "
+                            "use caffe.get_solver to build whichever type the file names")
+        return solver
+    construct.__name__ = cls.__name__
+    construct.__doc__ = f"pycaffe's ``caffe.{cls.__name__}('solver.prototxt')`` (the file's type must be {cls.type})."
+    return construct
+
+
+SGDSolver = _solver_constructor(_solvers.SGDSolver)
+NesterovSolver = _solver_constructor(_solvers.NesterovSolver)
+AdaGradSolver = _solver_constructor(_solvers.AdaGradSolver)
+RMSPropSolver = _solver_constructor(_solvers.RMSPropSolver)
+AdaDeltaSolver = _solver_constructor(_solvers.AdaDeltaSolver)
+AdamSolver = _solver_constructor(_solvers.AdamSolver)
 
 
 def init_log(level: int = 0) -> None:
@@ -52,5 +64,6 @@ def init_log(level: int = 0) -> None:
     set_log_level(level)
 
 
-__all__ = ["Net", "SGDSolver", "TEST", "TRAIN", "get_solver", "init_log", "layer_type_list", "set_device",
+__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Net", "NesterovSolver", "RMSPropSolver",
+           "SGDSolver", "TEST", "TRAIN", "get_solver", "init_log", "layer_type_list", "set_device",
            "set_mode_cpu", "set_mode_gpu", "set_random_seed"]

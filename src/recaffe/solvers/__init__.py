@@ -7,9 +7,11 @@ import os
 from ..io.netfiles import read_solver_text
 from ..proto import caffe_pb2
 from .solver import Solver, SolverError, solver_registry
-from .sgd import SGDSolver
+from .sgd import NesterovSolver, SGDSolver
+from .adaptive import AdaDeltaSolver, AdaGradSolver, AdamSolver, RMSPropSolver
 
-__all__ = ["Solver", "SolverError", "SGDSolver", "create_solver", "get_solver"]
+__all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "RMSPropSolver", "SGDSolver",
+           "Solver", "SolverError", "create_solver", "get_solver"]
 
 
 def create_solver(param: caffe_pb2.SolverParameter, source: str | None = None) -> Solver:

@@ -118,3 +118,18 @@ class SGDSolver(Solver):
                 raise SolverError(f"{state_file}: history blob {i} has shape {proto_shape(proto)}, this net's "
                                   f"param {i} has shape {h.shape}: the state belongs to another net")
             h.from_proto(proto, reshape=False)
+
+
+@register_solver("Nesterov")
+class NesterovSolver(SGDSolver):
+    """Nesterov's accelerated gradient as Caffe computes it: step back along the old history,
+    then over-step along the new one: ``diff = (1+m)*history_new - m*history_old``."""
+
+    def compute_update_value(self, i: int, blob: Blob, local_rate: float) -> None:
+        m = self.param.momentum
+        history = self.history[i].data_t
+        diff = blob.diff_t
+        old = history.clone()
+        history.mul_(m).add_(diff, alpha=local_rate)
+        torch.mul(history, 1 + m, out=diff)
+        diff.add_(old, alpha=-m)

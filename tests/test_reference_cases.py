@@ -1,0 +1,74 @@
+"""The real Caffe's reference outputs (../shared/reference/layers and solvers), through caffe.Net
+and caffe.get_solver, within the tolerances each case states."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import caffe
+from conftest import REFERENCE, require_reference
+
+LAYER_CASES = sorted(os.listdir(REFERENCE / "layers")) if (REFERENCE / "layers").is_dir() else ["(missing)"]
+SOLVER_CASES = sorted(os.listdir(REFERENCE / "solvers")) if (REFERENCE / "solvers").is_dir() else ["(missing)"]
+
+
+def assert_close(ours, ref, rtol, atol, what):
+    ours = np.asarray(ours, "f8")
+    ref = np.asarray(ref, "f8")
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != Caffe's {ref.shape}"
+    bad = np.abs(ours - ref) > atol + rtol * np.abs(ref)
+    assert not bad.any(), f"{what}: max abs err {np.max(np.abs(ours - ref)):.3g} (rtol {rtol}, atol {atol})"
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_case(case):
+    d = require_reference("layers", case)
+    meta = json.loads((d / "case.json").read_text())
+    z = np.load(d / "case.npz")
+    rtol, atol = meta["rtol"], meta["atol"]
+    phase = caffe.TRAIN if meta["phase"] == "TRAIN" else caffe.TEST
+    net = caffe.Net(str(d / "net.prototxt"), phase, weights=str(d / "weights.caffemodel"))
+    entries = [(k, k.split("__")) for k in z.files]
+    for k, (kind, *rest) in entries:
+        if kind == "bottom":
+            net.blobs[rest[0]].data[...] = z[k]
+        elif kind == "param":  # the caffemodel must load exactly
+            assert_close(net.params[rest[0]][int(rest[1])].data, z[k], 0, 0, f"weights {k}")
+    net.forward()
+    for k, (kind, *rest) in entries:
+        if kind == "top":
+            assert_close(net.blobs[rest[0]].data, z[k], rtol, atol, k)
+        elif kind == "param_after_forward":
+            assert_close(net.params[rest[0]][int(rest[1])].data, z[k], rtol, atol, k)
+    if meta["forward_only"]:
+        return
+    for k, (kind, *rest) in entries:
+        if kind == "top_diff":
+            net.blobs[rest[0]].diff[...] = z[k]
+    net.backward()
+    for k, (kind, *rest) in entries:
+        if kind == "bottom_diff":
+            assert_close(net.blobs[rest[0]].diff, z[k], rtol, atol, k)
+        elif kind == "param_diff":
+            assert_close(net.params[rest[0]][int(rest[1])].diff, z[k], rtol, atol, k)
+
+
+@pytest.mark.parametrize("case", SOLVER_CASES)
+def test_solver_case(case, monkeypatch):
+    d = require_reference("solvers", case)
+    meta = json.loads((d / "case.json").read_text())
+    z = np.load(d / "trajectory.npz")
+    monkeypatch.chdir(d)
+    solver = caffe.get_solver("solver.prototxt")
+    net = solver.net
+    net.copy_from("init.caffemodel")
+    for s in range(1, meta["steps"] + 1):
+        net.blobs["data"].data[...] = z["batches_data"][(s - 1) % 4]
+        net.blobs["label"].data[...] = z["batches_label"][(s - 1) % 4]
+        solver.step(1)
+        assert_close(solver.lr, z["lrs"][s - 1], 1e-6, 0, f"lr after step {s}")
+        for k in z.files:
+            if k.startswith(f"step{s}__"):
+                _, lname, i = k.split("__")
+                assert_close(net.params[lname][int(i)].data, z[k], meta["rtol"], meta["atol"], k)
