@@ -1,0 +1,1 @@
+"""The caffe/recaffe command line and Caffe's tools."""

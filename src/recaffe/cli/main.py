@@ -1,0 +1,284 @@
+"""The ``caffe`` (= ``recaffe``) command: ``caffe <command> <args>`` as Caffe's tools/caffe.cpp.
+
+commands: train, test, time, device_query, and Caffe's tools under their own names
+(convert_mnist_data).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time as _time
+
+from .. import device as _device
+from ..io.netfiles import read_solver_text
+from ..layer import LayerError
+from ..log import get_logger
+from ..proto import caffe_pb2
+from .flags import FlagError, FlagSet
+
+log = get_logger("caffe")
+
+USAGE = """usage: caffe <command> <args>
+
+commands:
+  train           train or finetune a model
+  test            score a model
+  time            benchmark model execution time
+  device_query    show GPU diagnostic information
+  convert_mnist_data  convert the MNIST IDX files to an LMDB/LevelDB of Datums
+
+Flags (Caffe's spellings: -flag=value, --flag=value, -flag value):
+"""
+
+
+def _flags() -> FlagSet:
+    f = FlagSet()
+    f.add("gpu", "", "Optional; run in GPU mode on given device IDs separated by ','. Use '-gpu all' to "
+          "run on all available GPUs.")
+    f.add("solver", "", "The solver definition protocol buffer text file.")
+    f.add("model", "", "The model definition protocol buffer text file.")
+    f.add("phase", "", "Optional; network phase (TRAIN or TEST). Only used for 'time'.")
+    f.add("level", 0, "Optional; network level.")
+    f.add("stage", "", "Optional; network stages (not to be confused with phase), separated by ','.")
+    f.add("snapshot", "", "Optional; the snapshot solver state to resume training.")
+    f.add("weights", "", "Optional; the pretrained weights to initialize finetuning, separated by ','. "
+          "Cannot be set simultaneously with snapshot.")
+    f.add("iterations", 50, "The number of iterations to run.")
+    f.add("sigint_effect", "stop", "Optional; action to take when a SIGINT signal is received: "
+          "snapshot, stop or none.")
+    f.add("sighup_effect", "snapshot", "Optional; action to take when a SIGHUP signal is received: "
+          "snapshot, stop or none.")
+    return f
+
+
+def _set_mode(gpu: str) -> None:
+    if not gpu:
+        log.info("Use CPU.")
+        _device.set_mode_cpu()
+        return
+    ids = list(range(_torch_device_count())) if gpu == "all" else [int(x) for x in gpu.split(",") if x]
+    if not ids:
+        raise _device.DeviceError("-gpu all: no CUDA device is available")
+    if len(ids) > 1:
+        log.warning("Multi-GPU training is not available yet; using GPU %d only", ids[0])
+    log.info("Use GPU with device ID %d", ids[0])
+    _device.set_device(ids[0])
+    _device.set_mode_gpu()
+
+
+def _torch_device_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _stages(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+class SignalHandler:
+    """Turns SIGINT/SIGHUP into solver actions (Caffe's SignalHandler): 'stop', 'snapshot' or 'none'."""
+
+    def __init__(self, sigint_effect: str, sighup_effect: str):
+        for name, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
+            if effect not in ("stop", "snapshot", "none"):
+                raise FlagError(f"-{name} must be stop, snapshot or none, got {effect!r}")
+        self.effects = {signal.SIGINT: sigint_effect}
+        if hasattr(signal, "SIGHUP"):
+            self.effects[signal.SIGHUP] = sighup_effect
+        self.pending: list[int] = []
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.effects:
+            self.previous[sig] = signal.signal(sig, lambda s, frame: self.pending.append(s))
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+
+    def action(self) -> str:
+        """The action requested since the last call (stop wins over snapshot)."""
+        actions = [self.effects[s] for s in self.pending]
+        self.pending.clear()
+        if "stop" in actions:
+            return "stop"
+        return "snapshot" if "snapshot" in actions else "none"
+
+
+def train(flags: dict) -> int:
+    from ..solvers import create_solver
+    if not flags["solver"]:
+        raise FlagError("Need a solver definition to train (-solver).")
+    if flags["snapshot"] and flags["weights"]:
+        raise FlagError("Give a snapshot to resume training or weights to finetune but not both.")
+    param = read_solver_text(flags["solver"])
+    param.train_state.level = flags["level"]
+    param.train_state.stage.extend(_stages(flags["stage"]))
+    gpu = flags["gpu"]
+    if not gpu and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
+            and _torch_device_count() > 0:
+        gpu = str(param.device_id)
+    _set_mode(gpu)
+    with SignalHandler(flags["sigint_effect"], flags["sighup_effect"]) as handler:
+        solver = create_solver(param, source=flags["solver"])
+        solver.action_request = handler.action
+        if flags["snapshot"]:
+            log.info("Starting Optimization")
+            log.info("Resuming from %s", flags["snapshot"])
+            solver.solve(flags["snapshot"])
+        else:
+            if flags["weights"]:
+                for w in flags["weights"].split(","):
+                    log.info("Finetuning from %s", w)
+                    solver.net.copy_from(w)
+                    for net in solver.test_nets:
+                        net.copy_from(w)
+            log.info("Starting Optimization")
+            solver.solve()
+    log.info("Optimization Done.")
+    return 0
+
+
+def test(flags: dict) -> int:
+    from ..net import Net
+    if not flags["model"]:
+        raise FlagError("Need a model definition to score (-model).")
+    if not flags["weights"]:
+        raise FlagError("Need model weights to score (-weights).")
+    _set_mode(flags["gpu"])
+    net = Net(flags["model"], caffe_pb2.TEST, level=flags["level"], stages=_stages(flags["stage"]))
+    for w in flags["weights"].split(","):
+        net.copy_from(w)
+    iterations = flags["iterations"]
+    log.info("Running for %d iterations.", iterations)
+    scores: list[float] = []
+    names: list[str] = []
+    loss = 0.0
+    for i in range(iterations):
+        loss += net.forward_loss()
+        idx = 0
+        for name in net.outputs:
+            for v in net.blobs[name].data.reshape(-1):
+                v = float(v)
+                if i == 0:
+                    scores.append(v)
+                    names.append(name)
+                else:
+                    scores[idx] += v
+                log.info("Batch %d, %s = %g", i, name, v)
+                idx += 1
+    loss /= iterations
+    log.info("Loss: %g", loss)
+    weights = net.blob_loss_weights
+    for name, total in zip(names, scores):
+        mean = total / iterations
+        w = weights[name]
+        extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
+        log.info("%s = %g%s", name, mean, extra)
+    return 0
+
+
+def time_(flags: dict) -> int:
+    import torch
+
+    from ..net import Net
+    if not flags["model"]:
+        raise FlagError("Need a model definition to time (-model).")
+    phase_name = flags["phase"] or "TRAIN"
+    if phase_name not in ("TRAIN", "TEST"):
+        raise FlagError(f"-phase must be TRAIN or TEST, got {phase_name!r}")
+    _set_mode(flags["gpu"])
+    net = Net(flags["model"], caffe_pb2.Phase.Value(phase_name), level=flags["level"],
+              stages=_stages(flags["stage"]))
+    sync = torch.cuda.synchronize if net.device.type == "cuda" else (lambda: None)
+    log.info("Performing Forward")
+    log.info("Initial loss: %g", net.forward_loss())
+    log.info("Performing Backward")
+    net.backward_from_to()
+    iterations = flags["iterations"]
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", iterations)
+    n = len(net.layers)
+    fwd = [0.0] * n
+    bwd = [0.0] * n
+    fwd_total = bwd_total = 0.0
+    total_start = _time.perf_counter()
+    for j in range(iterations):
+        iter_start = _time.perf_counter()
+        t0 = _time.perf_counter()
+        for i, layer in enumerate(net.layers):
+            s = _time.perf_counter()
+            layer.run_forward(net.bottom_vecs[i], net.top_vecs[i])
+            sync()
+            fwd[i] += _time.perf_counter() - s
+        fwd_total += _time.perf_counter() - t0
+        t0 = _time.perf_counter()
+        for i in range(n - 1, -1, -1):
+            s = _time.perf_counter()
+            if net.layer_need_backward[i]:
+                net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+            sync()
+            bwd[i] += _time.perf_counter() - s
+        bwd_total += _time.perf_counter() - t0
+        log.info("Iteration: %d forward-backward time: %g ms.", j + 1, (_time.perf_counter() - iter_start) * 1e3)
+    total = _time.perf_counter() - total_start
+    log.info("Average time per layer: ")
+    for i, name in enumerate(net.layer_names):
+        log.info("%10s\tforward: %g ms.", name, fwd[i] * 1e3 / iterations)
+        log.info("%10s\tbackward: %g ms.", name, bwd[i] * 1e3 / iterations)
+    log.info("Average Forward pass: %g ms.", fwd_total * 1e3 / iterations)
+    log.info("Average Backward pass: %g ms.", bwd_total * 1e3 / iterations)
+    log.info("Average Forward-Backward: %g ms.", total * 1e3 / iterations)
+    log.info("Total Time: %g ms.", total * 1e3)
+    log.info("*** Benchmark ends ***")
+    return 0
+
+
+def device_query(flags: dict) -> int:
+    gpus = flags["gpu"]
+    if not gpus:
+        raise FlagError("Need a -gpu device id (or 'all') to query.")
+    ids = range(_torch_device_count()) if gpus == "all" else [int(x) for x in gpus.split(",") if x]
+    for i in ids:
+        log.info("Querying GPUs %d", i)
+        for line in _device.device_query(i):
+            log.info("%s", line)
+    return 0
+
+
+COMMANDS = {"train": train, "test": test, "time": time_, "device_query": device_query}
+
+
+def _tool(name: str):
+    if name == "convert_mnist_data":
+        from .convert_mnist_data import main as tool_main
+        return tool_main
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help", "-help"):
+        print(USAGE + _flags().usage())
+        return 0 if argv else 1
+    command, rest = argv[0], argv[1:]
+    tool = _tool(command)
+    if tool is not None:
+        return tool(rest)
+    if command not in COMMANDS:
+        print(f"caffe: unknown command {command!r}\n\n{USAGE}{_flags().usage()}", file=sys.stderr)
+        return 1
+    try:
+        flags, positional = _flags().parse(rest)
+        if positional:
+            raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
+        return COMMANDS[command](flags)
+    except (FlagError, LayerError, ValueError, OSError, _device.DeviceError) as e:
+        log.error("%s", e)
+        print(f"caffe {command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
