@@ -22,6 +22,7 @@ from . import device as _device
 from .blob import Blob
 from .insert_splits import insert_splits
 from .io.netfiles import read_net_binary, read_net_text
+from .io.upgrade import upgrade_net
 from .io.protofiles import write_binary
 from .layer import Layer, LayerError, create_layer
 from .log import get_logger
@@ -48,7 +49,7 @@ class Net:
         else:
             p = caffe_pb2.NetParameter()
             p.CopyFrom(param)
-            param = p
+            param = upgrade_net(p)
         if phase is not None:
             param.state.phase = phase
             param.state.level = level

@@ -12,6 +12,7 @@ from google.protobuf import text_format
 from .. import device as _device
 from .. import rng
 from ..io.netfiles import read_net_text
+from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
@@ -42,6 +43,8 @@ class Solver:
             from ..io.netfiles import read_solver_text
             source = os.fspath(param)
             param = read_solver_text(source)
+        else:
+            param = upgrade_solver(_copy(param), source or "<solver>")
         self.param = param
         self.source = source
         self._upgrade_snapshot_prefix()
