@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..io.netfiles import read_solver_text
+from ..io.upgrade import upgrade_solver
 from ..proto import caffe_pb2
 from .solver import Solver, SolverError, solver_registry
 from .sgd import NesterovSolver, SGDSolver
@@ -15,6 +16,9 @@ __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "NesterovSolver", "R
 
 
 def create_solver(param: caffe_pb2.SolverParameter, source: str | None = None) -> Solver:
+    upgraded = caffe_pb2.SolverParameter()
+    upgraded.CopyFrom(param)
+    param = upgrade_solver(upgraded, source or "<solver>")
     cls = solver_registry.get(param.type)
     if cls is None:
         raise SolverError(f"Unknown solver type: {param.type!r} (known types: {', '.join(sorted(solver_registry))})")
