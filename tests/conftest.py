@@ -23,6 +23,16 @@ def require_reference(*parts: str) -> pathlib.Path:
     return path
 
 
+def require_shared(*parts: str) -> pathlib.Path:
+    """The path under ../shared/data/ (sample data sets), or a skip (an error in CI) when absent."""
+    path = SHARED.joinpath("data", *parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must run with ../shared/data/ present")
+        pytest.skip(f"{path} not present (the sample data sets live in ../shared/data/)")
+    return path
+
+
 @pytest.fixture
 def reference():
     return require_reference

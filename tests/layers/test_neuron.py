@@ -52,15 +52,20 @@ def assert_in_place_matches(text, x, phase=caffe_pb2.TRAIN):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def f32(v):
+    """A float param as the layer sees it (caffe.proto stores float32)."""
+    return float(np.float32(v))
+
+
 def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    return np.exp(-np.logaddexp(0.0, -x))  # 1 / (1 + exp(-x)) without overflow
 
 
 # --------------------------------------------------------------------------- forward
 FORWARD_CASES = [
     ('type: "ReLU"', lambda x: np.maximum(x, 0)),
     ('type: "ReLU" relu_param { negative_slope: 0.1 }',
-     lambda x: np.where(x > 0, x, 0.1 * x)),
+     lambda x: np.where(x > 0, x, f32(0.1) * x)),
     ('type: "Sigmoid"', sigmoid),
     ('type: "TanH"', np.tanh),
     ('type: "ELU"', lambda x: np.where(x > 0, x, np.exp(x) - 1)),
@@ -79,8 +84,8 @@ FORWARD_CASES = [
     ('type: "Power" power_param { power: 0 scale: 3 shift: 2 }', lambda x: np.ones_like(x)),
     ('type: "Power" power_param { power: 3 scale: 0 shift: 2 }', lambda x: np.full_like(x, 8.0)),
     ('type: "Threshold"', lambda x: (x > 0).astype(x.dtype)),
-    ('type: "Threshold" threshold_param { threshold: 0.3 }', lambda x: (x > 0.3).astype(x.dtype)),
-    ('type: "Clip" clip_param { min: -0.5 max: 0.7 }', lambda x: np.clip(x, -0.5, 0.7)),
+    ('type: "Threshold" threshold_param { threshold: 0.3 }', lambda x: (x > f32(0.3)).astype(x.dtype)),
+    ('type: "Clip" clip_param { min: -0.5 max: 0.7 }', lambda x: np.clip(x, -0.5, f32(0.7))),
     ('type: "Swish"', lambda x: x * sigmoid(x)),
     ('type: "Swish" swish_param { beta: 1.5 }', lambda x: x * sigmoid(1.5 * x)),
 ]
@@ -125,12 +130,13 @@ def test_prelu_forward_per_channel_and_shared():
         'type: "PReLU" prelu_param { channel_shared: true filler { type: "constant" value: 0.6 } }', [x])
     assert layer.blobs[0].shape == ()
     layer.run_forward(bottom, top)
-    np.testing.assert_allclose(top[0].data, np.where(x > 0, x, 0.6 * x), rtol=1e-14)
+    np.testing.assert_allclose(top[0].data, np.where(x > 0, x, f32(0.6) * x), rtol=1e-14)
 
 
 def test_prelu_two_axes():
     x = randn(4, 3, seed=3)
-    layer, bottom, top = make_layer('type: "PReLU" prelu_param { filler { type: "constant" value: -0.5 } }', [x])
+    text = 'type: "PReLU" prelu_param { filler { type: "constant" value: -0.5 } }'
+    layer, bottom, top = make_layer(text, [x])
     layer.run_forward(bottom, top)
     np.testing.assert_allclose(top[0].data, np.where(x > 0, x, -0.5 * x), rtol=1e-14)
 
@@ -153,7 +159,8 @@ def test_power_special_case_gradients():
     x = randn(seed=6)
     dy = randn(seed=7)
     # power 1: dy * scale; scale 0 or power 0: zero gradient.
-    _, dx, _ = run('type: "Power" power_param { power: 1 scale: -3 shift: 2 }', x, in_place=False, top_diff=dy)
+    text = 'type: "Power" power_param { power: 1 scale: -3 shift: 2 }'
+    _, dx, _ = run(text, x, in_place=False, top_diff=dy)
     np.testing.assert_allclose(dx, -3 * dy, rtol=1e-14)
     for text in ('type: "Power" power_param { power: 0 scale: 2 }',
                  'type: "Power" power_param { power: 2 scale: 0 shift: 1 }'):

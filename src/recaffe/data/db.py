@@ -20,7 +20,8 @@ path.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import threading
+from collections.abc import Iterator
 
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -89,7 +90,13 @@ class DB:
     def new_transaction(self) -> Transaction:
         raise NotImplementedError
 
-    def __enter__(self) -> "DB":
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down
+            pass
+
+    def __enter__(self) -> DB:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,6 +111,44 @@ def _key_bytes(key: bytes | str) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
 
 
+class _SharedHandles:
+    """Read handles shared per path within the process, reference-counted.
+
+    py-lmdb refuses to open one environment twice in a process, and LevelDB locks its folder;
+    yet two nets (train and test, or two pycaffe Nets from one prototxt) may read the same
+    database. Each gets its own cursor on one shared handle.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, list] = {}  # real path -> [handle, users]
+
+    def acquire(self, source: str, opener):
+        key = os.path.realpath(source)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = [opener(), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, source: str, handle) -> None:
+        key = os.path.realpath(source)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None or entry[0] is not handle:
+                handle.close()
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                handle.close()
+
+
+_lmdb_readers = _SharedHandles()
+_leveldb_readers = _SharedHandles()
+
+
 # --------------------------------------------------------------------------------- LMDB
 class LMDB(DB):
     backend = "LMDB"
@@ -113,6 +158,7 @@ class LMDB(DB):
     def __init__(self) -> None:
         self.env = None
         self.source = ""
+        self._shared = False
 
     def open(self, source, mode=READ):
         import lmdb
@@ -140,29 +186,35 @@ class LMDB(DB):
             os.makedirs(source, exist_ok=True)
         try:
             if mode == READ:
-                # Caffe reads with MDB_RDONLY | MDB_NOTLS (py-lmdb always sets MDB_NOTLS).
-                try:
-                    self.env = lmdb.open(source, readonly=True, create=False, lock=True,
-                                         readahead=False, max_readers=126)
-                except lmdb.Error as e:
-                    # A read-only folder cannot hold the lock file: read without locking, as
-                    # Caffe built with ALLOW_LMDB_NOLOCK does.
-                    if "ermission" not in str(e) and "read-only" not in str(e).lower():
-                        raise
-                    log.warning("LMDB %s: cannot create its lock file (%s); reading without locks",
-                                source, e)
-                    self.env = lmdb.open(source, readonly=True, create=False, lock=False,
-                                         readahead=False)
+                self.env = _lmdb_readers.acquire(source, lambda: self._open_reader(source))
+                self._shared = True
             else:
-                self.env = lmdb.open(source, map_size=self.INITIAL_MAP_SIZE, create=True,
-                                     subdir=True, readahead=False)
+                self.env = lmdb.open(source, map_size=self.INITIAL_MAP_SIZE, create=True, subdir=True)
         except lmdb.Error as e:
             raise DBError(f"{what}: {e}") from None
         log.info("Opened lmdb %s", source)
 
+    @staticmethod
+    def _open_reader(source: str):
+        import lmdb
+
+        # Caffe reads with MDB_RDONLY | MDB_NOTLS (py-lmdb always sets MDB_NOTLS).
+        try:
+            return lmdb.open(source, readonly=True, create=False, lock=True, max_readers=126)
+        except lmdb.Error as e:
+            # A read-only folder cannot hold the lock file: read without locking, as Caffe built
+            # with ALLOW_LMDB_NOLOCK does.
+            if "ermission" not in str(e) and "read-only" not in str(e).lower():
+                raise
+            log.warning("LMDB %s: cannot create its lock file (%s); reading without locks", source, e)
+            return lmdb.open(source, readonly=True, create=False, lock=False)
+
     def close(self):
         if self.env is not None:
-            self.env.close()
+            if self._shared:
+                _lmdb_readers.release(self.source, self.env)
+            else:
+                self.env.close()
             self.env = None
 
     def _env(self):
@@ -171,10 +223,10 @@ class LMDB(DB):
         return self.env
 
     def new_cursor(self):
-        return _LMDBCursor(self._env(), self.source)
+        return _LMDBCursor(self._env(), self.source, self)
 
     def new_transaction(self):
-        return _LMDBTransaction(self._env(), self.source)
+        return _LMDBTransaction(self._env(), self.source, self)
 
     def __len__(self) -> int:
         return self._env().stat()["entries"]
@@ -183,8 +235,9 @@ class LMDB(DB):
 class _LMDBCursor(Cursor):
     """Holds one read transaction for its whole life (a consistent snapshot), as Caffe's."""
 
-    def __init__(self, env, source: str):
+    def __init__(self, env, source: str, owner: DB):
         self.source = source
+        self._owner = owner  # keeps the database open while the cursor lives
         self._txn = env.begin(write=False, buffers=False)
         self._cur = self._txn.cursor()
         self._valid = False
@@ -214,9 +267,10 @@ class _LMDBCursor(Cursor):
 
 
 class _LMDBTransaction(Transaction):
-    def __init__(self, env, source: str):
+    def __init__(self, env, source: str, owner: DB):
         self.env = env
         self.source = source
+        self._owner = owner  # keeps the database open while the transaction lives
         self._pending: list[tuple[bytes, bytes]] = []
 
     def put(self, key, value):
@@ -248,6 +302,7 @@ class LevelDB(DB):
     def __init__(self) -> None:
         self.db = None
         self.source = ""
+        self._shared = False
 
     def open(self, source, mode=READ):
         try:
@@ -264,10 +319,17 @@ class LevelDB(DB):
         if mode == NEW and os.path.exists(source):
             raise DBError(f"cannot create LevelDB {source!r}: it already exists "
                           f"(remove it or choose another path)")
-        try:
+        def opener():
             # Caffe's options: 64 KiB blocks, 256 MiB write buffer, 100 open files.
-            self.db = plyvel.DB(source, create_if_missing=mode != READ, error_if_exists=mode == NEW,
-                                block_size=65536, write_buffer_size=268435456, max_open_files=100)
+            return plyvel.DB(source, create_if_missing=mode != READ, error_if_exists=mode == NEW,
+                             block_size=65536, write_buffer_size=268435456, max_open_files=100)
+
+        try:
+            if mode == READ:
+                self.db = _leveldb_readers.acquire(source, opener)
+                self._shared = True
+            else:
+                self.db = opener()
         except plyvel.Error as e:
             raise DBError(f"{what}: {e}") from None
         except OSError as e:
@@ -276,7 +338,10 @@ class LevelDB(DB):
 
     def close(self):
         if self.db is not None:
-            self.db.close()
+            if self._shared:
+                _leveldb_readers.release(self.source, self.db)
+            else:
+                self.db.close()
             self.db = None
 
     def _db(self):
@@ -285,14 +350,15 @@ class LevelDB(DB):
         return self.db
 
     def new_cursor(self):
-        return _LevelDBCursor(self._db())
+        return _LevelDBCursor(self._db(), self)
 
     def new_transaction(self):
-        return _LevelDBTransaction(self._db())
+        return _LevelDBTransaction(self._db(), self)
 
 
 class _LevelDBCursor(Cursor):
-    def __init__(self, db):
+    def __init__(self, db, owner: DB):
+        self._owner = owner  # keeps the database open while the cursor lives
         self._snapshot = db.snapshot()
         self._it = self._snapshot.raw_iterator()
         self.seek_to_first()
@@ -318,8 +384,9 @@ class _LevelDBCursor(Cursor):
 
 
 class _LevelDBTransaction(Transaction):
-    def __init__(self, db):
+    def __init__(self, db, owner: DB):
         self.db = db
+        self._owner = owner  # keeps the database open while the transaction lives
         self._batch = db.write_batch()
 
     def put(self, key, value):

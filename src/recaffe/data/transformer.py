@@ -17,7 +17,7 @@ Batches of equally sized items are transformed with whole-array numpy operations
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,9 +53,7 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
             from None
     if force_color:
         img = img.convert("RGB")
-    elif force_gray:
-        img = img.convert("L")
-    elif img.mode == "1":
+    elif force_gray or img.mode == "1":
         img = img.convert("L")
     elif img.mode in ("P", "PA"):
         img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
@@ -202,13 +200,15 @@ class DataTransformer:
             raise TransformError("There is no datum to transform")
         in_shapes = [tuple(a.shape) for a in items] if not isinstance(items, np.ndarray) \
             else [tuple(items.shape[1:])] * n
-        out_shape = self.output_shape(in_shapes[0])
-        for i, s in enumerate(in_shapes[1:], 1):
+        for i, s in enumerate(in_shapes):
             if len(s) != 3:
                 raise TransformError(f"item {i} has shape {s}, expected (channels, height, width)")
-            if self.output_shape(s) != out_shape:
+        out_shape = self.output_shape(in_shapes[0])
+        for i, s in enumerate(in_shapes[1:], 1):
+            shape = self.output_shape(s)
+            if shape != out_shape:
                 raise TransformError(f"item {i} of the batch is {'x'.join(map(str, s))} and transforms "
-                                     f"to {out_shape}, but the batch was shaped {out_shape} from its "
+                                     f"to {shape}, but the batch was shaped {out_shape} from its "
                                      f"first item")
         heights = np.array([s[1] for s in in_shapes])
         widths = np.array([s[2] for s in in_shapes])
@@ -232,31 +232,35 @@ class DataTransformer:
         return out
 
     def _apply(self, x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        """Crop, subtract the mean, scale and mirror a stack (N, C, H, W) of one size."""
+        """Crop, subtract the mean, scale and mirror a stack (N, C, H, W) of one size.
+
+        ``flip(x - mean) == flip(x) - flip(mean)``: mirroring while copying gives Caffe's values.
+        """
         n, c, _, _ = x.shape
         crop = self.crop_size
         mean = self.mean
-        if crop:
-            if np.all(h_off == h_off[0]) and np.all(w_off == w_off[0]):
+        if flips.any() or (crop and not (np.all(h_off == h_off[0]) and np.all(w_off == w_off[0]))):
+            # Per-item offsets or flips: copying slices item by item is several times faster than
+            # fancy-indexed gathers. The flip is applied while copying.
+            oh, ow = (crop, crop) if crop else x.shape[2:]
+            out = np.empty((n, c, oh, ow), dtype=self.dtype)
+            for i in range(n):
+                hs, ws = slice(h_off[i], h_off[i] + oh), slice(w_off[i], w_off[i] + ow)
+                step = -1 if flips[i] else 1
+                out[i] = x[i, :, hs, ws][..., ::step]
+                if mean is not None:
+                    out[i] -= mean[:, hs, ws][..., ::step]
+        else:
+            if crop:
                 hs, ws = slice(h_off[0], h_off[0] + crop), slice(w_off[0], w_off[0] + crop)
                 x = x[:, :, hs, ws]
                 if mean is not None:
                     mean = mean[:, hs, ws]
-            else:
-                # Per-item offsets: gather rows and columns with broadcast index arrays.
-                r = np.arange(crop)
-                rows = (h_off[:, None] + r)[:, None, :, None]
-                cols = (w_off[:, None] + r)[:, None, None, :]
-                x = x[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
-                if mean is not None:
-                    mean = mean[np.arange(c)[None, :, None, None], rows, cols]
-        out = x.astype(self.dtype)
-        if mean is not None:
-            out -= mean
-        elif self.mean_values is not None:
+            out = x.astype(self.dtype)
+            if mean is not None:
+                out -= mean
+        if self.mean_values is not None:
             mv = self.mean_values if self.mean_values.size == c else np.repeat(self.mean_values, c)
             out -= mv.reshape(1, c, 1, 1)
         out *= self.scale
-        if flips.any():
-            out[flips] = out[flips][..., ::-1]
         return out

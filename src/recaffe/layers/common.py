@@ -124,15 +124,16 @@ class ConcatLayer(Layer):
         if p.HasField("concat_dim"):
             axis = p.concat_dim
             if axis >= num_axes:
-                raise self.error(f"concat_dim {axis} out of range for a {num_axes}-D bottom {bottom[0].shape}")
+                raise self.error(f"concat_dim {axis} out of range for a {num_axes}-D bottom "
+                                 f"{bottom[0].shape}")
         else:
             axis = canonical_axis(p.axis, num_axes, self)
         self.axis = axis
         shape = list(bottom[0].shape)
         for i, b in enumerate(bottom[1:], 1):
             if b.num_axes != num_axes:
-                raise self.error(f"All inputs must have the same #axes: bottom 0 has shape {bottom[0].shape}, "
-                                 f"bottom {i} has shape {b.shape}")
+                raise self.error(f"All inputs must have the same #axes: bottom 0 has shape "
+                                 f"{bottom[0].shape}, bottom {i} has shape {b.shape}")
             for j in range(num_axes):
                 if j != axis and b.shape[j] != shape[j]:
                     raise self.error(f"All inputs must have the same shape, except at concat axis {axis}: "
@@ -222,7 +223,8 @@ class ReshapeLayer(Layer):
             raise self.error(f"num_axes must be >= 0, or -1 for all; got {p.num_axes}")
         end = n if p.num_axes == -1 else start + p.num_axes
         if end > n:
-            raise self.error(f"end_axis = axis + num_axes = {end} is out of range for a {n}-D bottom {b.shape}")
+            raise self.error(f"end_axis = axis + num_axes = {end} is out of range for a {n}-D bottom "
+                             f"{b.shape}")
         shape = list(b.shape[:start]) + list(self.dims) + list(b.shape[end:])
         for i in self.copy_axes:
             if start + i >= n:
@@ -466,9 +468,11 @@ class BatchReindexLayer(Layer):
     def _indices(self, bottom) -> torch.Tensor:
         r = bottom[1].data_t
         n = bottom[0].shape[0]
-        if r.numel() and bool(((r < 0) | (r >= n)).any()):
+        bad = (r < 0) | (r >= n)
+        if r.numel() and bool(bad.any()):
             raise self.error(f"Index specified for reindex layer is out of range: indices must be in "
-                             f"[0, {n}) for a bottom of shape {bottom[0].shape}, got {r.tolist()}")
+                             f"[0, {n}) for a bottom of shape {bottom[0].shape}, got "
+                             f"{r[bad][:10].tolist()}")
         return r.long()  # truncation toward zero, as Caffe's static_cast<int>
 
     def forward(self, bottom, top):
@@ -493,9 +497,10 @@ class FilterLayer(Layer):
     min_top_blobs = 1
 
     def allow_force_backward(self, bottom_index):
-        return bottom_index != len(self.layer_param.bottom) - 1
+        return bottom_index != self._selector_index  # the selector is not differentiable
 
     def layer_setup(self, bottom, top):
+        self._selector_index = len(bottom) - 1
         if len(top) != len(bottom) - 1:
             raise self.error(f"needs one top per data bottom: {len(bottom)} bottoms (the last is the "
                              f"selector) but {len(top)} tops")
@@ -713,9 +718,10 @@ class EmbedLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data_t.reshape(-1)
         idx = x.long()
-        if x.numel() and bool(((x < 0) | (x >= self.input_dim) | (idx.to(x.dtype) != x)).any()):
+        bad = (x < 0) | (x >= self.input_dim) | (idx.to(x.dtype) != x)
+        if x.numel() and bool(bad.any()):
             raise self.error(f"embed input out of range or non-integer: indices must be integers in "
-                             f"[0, {self.input_dim}), got {x.tolist()}")
+                             f"[0, {self.input_dim}), got {x[bad][:10].tolist()}")
         self._idx = idx
         y = self.blobs[0].data_t.index_select(0, idx)
         if self.bias_term:

@@ -10,7 +10,8 @@ import torch
 from google.protobuf.message import DecodeError
 
 from .. import rng
-from ..data.db import DBError, get_db, READ
+from ..blob import Blob
+from ..data.db import READ, DBError, get_db
 from ..data.prefetch import Prefetcher
 from ..data.transformer import DataTransformer, TransformError
 from ..fillers import fill
@@ -80,6 +81,11 @@ class DummyDataLayer(Layer):
             self.fillers = [fp]
         else:
             self.fillers = list(p.data_filler)
+        for fp in self.fillers:
+            try:
+                fill(Blob((0,), self.dtype), fp)  # checks the filler's type, as Caffe's GetFiller
+            except ValueError as e:
+                raise self.error(str(e)) from None
         # Constant tops are filled here once; the others on every forward.
         self.refill = [f.type != "constant" for f in self.fillers]
 

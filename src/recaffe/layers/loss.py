@@ -18,7 +18,6 @@ FLT_MIN = 1.1754943508222875e-38  # C's FLT_MIN: SoftmaxWithLoss clamps probabil
 LOG_THRESHOLD = 1e-20             # Caffe's kLOG_THRESHOLD
 
 _Norm = caffe_pb2.LossParameter
-_NORM_NAMES = {_Norm.FULL: "FULL", _Norm.VALID: "VALID", _Norm.BATCH_SIZE: "BATCH_SIZE", _Norm.NONE: "NONE"}
 
 
 def _normalization_mode(loss_param, default: int) -> int:

@@ -49,7 +49,7 @@ class ReLULayer(NeuronLayer):
         if self.negative_slope == 0:
             top[0].data_t = torch.relu(x)
         else:
-            top[0].data_t = torch.where(x > 0, x, x * self.negative_slope)
+            top[0].data_t = torch.nn.functional.leaky_relu(x, self.negative_slope)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -61,7 +61,7 @@ class ReLULayer(NeuronLayer):
         if self.negative_slope == 0:
             bottom[0].diff_t = torch.ops.aten.threshold_backward(dy, x, 0)
         else:
-            bottom[0].diff_t = torch.where(x > 0, dy, dy * self.negative_slope)
+            bottom[0].diff_t = torch.ops.aten.leaky_relu_backward(dy, x, self.negative_slope, False)
 
 
 @register("Sigmoid")
@@ -290,7 +290,8 @@ class ExpLayer(NeuronLayer):
 
 @register("Log")
 class LogLayer(NeuronLayer):
-    """y = log_base(shift + scale * x) (base -1 = e); gradient dy * scale / (log(base) * (shift + scale * x))."""
+    """y = log_base(shift + scale * x) (base -1 = e);
+    gradient dy * scale / (log(base) * (shift + scale * x))."""
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.log_param
