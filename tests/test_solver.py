@@ -275,3 +275,50 @@ def test_test_nets_share_weights_and_report_means(tmp_path):
     assert "Iteration 2, Testing net (#0)" in lines
     got = [result[f"o[{k}]"] for k in range(8)]
     np.testing.assert_allclose(got, np.tile(expected, 4), rtol=1e-6)
+
+
+def test_decoupled_weight_decay_matches_adamw_closed_form_and_differs_from_l2():
+    common = 'type: "Adam" base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 momentum2: 0.999 delta: 1e-8 ' \
+        'weight_decay: 0.2 '
+    dec = solver(common + 'regularization_type: "decoupled"')
+    l2 = solver(common + 'regularization_type: "L2"')
+
+    def adamw(i, p, g, st, it):
+        t = it + 1
+        st["m"] = 0.9 * st.get("m", 0) + 0.1 * g
+        st["v"] = 0.999 * st.get("v", 0) + 0.001 * g * g
+        corr = math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        return p - 0.1 * corr * st["m"] / (np.sqrt(st["v"]) + 1e-8) - 0.1 * 0.2 * p
+    check(dec, 5, adamw, rtol=1e-4)
+    l2.step(5)
+    assert np.abs(l2.net.params["ip"][0].data - dec.net.params["ip"][0].data).max() > 1e-3
+
+
+def test_decoupled_decay_equals_l2_for_plain_sgd():
+    a = solver('base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.05 regularization_type: "decoupled"')
+    b = solver('base_lr: 0.1 lr_policy: "fixed" weight_decay: 0.05')
+    a.step(4)
+    b.step(4)
+    np.testing.assert_allclose(a.net.params["ip"][0].data, b.net.params["ip"][0].data, rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_regularization_type_is_an_error():
+    with pytest.raises(SolverError, match="Unknown regularization type: 'L3'"):
+        solver('base_lr: 0.1 lr_policy: "fixed" regularization_type: "L3"')
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_resume_from_hdf5_snapshot_is_exact(tmp_path, kind):
+    settings = (f'type: "{kind}" base_lr: 0.05 lr_policy: "step" gamma: 0.5 stepsize: 2 momentum: 0.9 '
+                f'snapshot_format: HDF5 snapshot_prefix: "{tmp_path}/h"')
+    straight = solver(settings)
+    straight.step(6)
+    first = solver(settings)
+    first.step(3)
+    state = first.snapshot()
+    assert state.endswith("h_iter_3.solverstate.h5") and (tmp_path / "h_iter_3.caffemodel.h5").exists()
+    resumed = solver(settings, seed=99)
+    resumed.restore(state)
+    resumed.step(3)
+    for pa, pb in zip(straight.net.params["ip"], resumed.net.params["ip"]):
+        assert np.array_equal(pa.data, pb.data)

@@ -21,6 +21,7 @@ from google.protobuf import text_format
 from . import device as _device
 from .blob import Blob
 from .insert_splits import insert_splits
+from .io import hdf5_weights
 from .io.netfiles import read_net_binary, read_net_text
 from .io.upgrade import upgrade_net
 from .io.protofiles import write_binary
@@ -445,9 +446,23 @@ class Net:
                 target[j].from_proto(proto, reshape=False)
 
     def copy_from(self, filename: str | os.PathLike) -> None:
-        """Load weights from a ``.caffemodel`` by layer name (pycaffe's ``net.copy_from``)."""
+        """Load weights by layer name from a ``.caffemodel`` or Caffe's HDF5 weights
+        (``.caffemodel.h5``, recognized by content as Caffe does) — pycaffe's ``net.copy_from``."""
         filename = os.fspath(filename)
-        self.copy_trained_layers_from(read_net_binary(filename), filename)
+        if hdf5_weights.is_hdf5(filename):
+            hdf5_weights.load_net(self, filename)
+        else:
+            self.copy_trained_layers_from(read_net_binary(filename), filename)
+
+    def save_hdf5(self, filename: str | os.PathLike, write_diff: bool = False) -> None:
+        hdf5_weights.save_net(self, os.fspath(filename), write_diff)
+
+    def load_hdf5(self, filename: str | os.PathLike) -> None:
+        hdf5_weights.load_net(self, os.fspath(filename))
+
+    def param_id(self, layer_id: int, param_index: int) -> int:
+        """The net-wide index of a layer's param blob (Caffe's param_id_vecs_)."""
+        return self._param_layer_indices.index((layer_id, param_index))
 
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.NetParameter:
         out = caffe_pb2.NetParameter()

@@ -5,6 +5,10 @@ Order per iteration: rate from the lr policy → ClipGradients (one global L2 no
 ``diff += wd*decay_mult*data``; L1: ``diff += wd*decay_mult*sign(data)``) → ComputeUpdateValue
 (``history = momentum*history + local_rate*diff; diff = history`` — the learning rate lives
 inside the history, unlike torch.optim.SGD) → ``data -= diff``.
+
+``regularization_type: "decoupled"`` (recaffe's option, for every solver type) skips Regularize and
+instead adds ``local_rate * weight_decay * decay_mult * data`` to the final update: Adam becomes
+AdamW, SGD becomes SGDW (see docs/semantics.md).
 """
 from __future__ import annotations
 
@@ -13,14 +17,19 @@ import os
 
 import torch
 
-from ..blob import Blob
-from ..io.netfiles import read_net_binary
+from ..blob import Blob, proto_shape
+from ..io import hdf5_weights
 from ..io.protofiles import read_binary, write_binary
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .solver import Solver, SolverError, register_solver
 
 log = get_logger(__name__)
+
+# regularization_type value for decoupled weight decay (beyond Caffe; AdamW/SGDW):
+# data -= local_rate * weight_decay * decay_mult * data, applied next to the update, never through
+# the gradient, so momentum and adaptive scaling do not see it.
+DECOUPLED = "decoupled"
 
 
 @register_solver("SGD")
@@ -31,8 +40,9 @@ class SGDSolver(Solver):
         self._check_regularization()
 
     def _check_regularization(self) -> None:
-        if self.param.regularization_type not in ("L1", "L2"):
-            raise SolverError(f"Unknown regularization type: {self.param.regularization_type!r} (L1 or L2)")
+        if self.param.regularization_type not in ("L1", "L2", DECOUPLED):
+            raise SolverError(f"Unknown regularization type: {self.param.regularization_type!r} "
+                              f"(L1, L2, or {DECOUPLED!r} for decoupled weight decay)")
 
     def apply_update(self) -> None:
         p = self.param
@@ -41,10 +51,18 @@ class SGDSolver(Solver):
             log.info("Iteration %d, lr = %g", self.iter, rate)
         self.clip_gradients()
         net = self.net
+        decoupled = p.regularization_type == DECOUPLED
         for i, blob in enumerate(net.learnable_params):
+            local_rate = rate * net.params_lr[i]
             self.normalize(blob)
-            self.regularize(blob, net.params_weight_decay[i])
-            self.compute_update_value(i, blob, rate * net.params_lr[i])
+            if not decoupled:
+                self.regularize(blob, net.params_weight_decay[i])
+            self.compute_update_value(i, blob, local_rate)
+            if decoupled:
+                # Decay the weights directly, outside the gradient and the solver's history.
+                local_decay = p.weight_decay * net.params_weight_decay[i]
+                if local_decay:
+                    blob.diff_t.add_(blob.data_t, alpha=local_rate * local_decay)
         net.update()
 
     def clip_gradients(self) -> None:
@@ -85,6 +103,11 @@ class SGDSolver(Solver):
         return self.history
 
     def snapshot_solver_state(self, model_filename: str) -> str:
+        if self.param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            filename = self.snapshot_filename(".solverstate.h5")
+            log.info("Snapshotting solver state to HDF5 file %s", filename)
+            hdf5_weights.save_state(filename, self.iter, model_filename, self.current_step, self.history_blobs())
+            return filename
         state = caffe_pb2.SolverState(iter=self.iter, learned_net=model_filename, current_step=self.current_step)
         for h in self.history_blobs():
             state.history.add().CopyFrom(h.to_proto())
@@ -94,30 +117,35 @@ class SGDSolver(Solver):
         return filename
 
     def restore(self, state_file: str) -> None:
+        """Restore iter, lr step, history and (via ``learned_net``) the weights, from either format."""
         state_file = os.fspath(state_file)
         if state_file.endswith(".h5"):
-            raise SolverError(f"{state_file}: HDF5 solver states are not supported yet")
-        state = read_binary(state_file, caffe_pb2.SolverState(), "SolverState (.solverstate)")
-        self.iter = state.iter
-        if state.learned_net:
-            model = state.learned_net
+            it, model, step, history = hdf5_weights.load_state(state_file)
+        else:
+            state = read_binary(state_file, caffe_pb2.SolverState(), "SolverState (.solverstate)")
+            it, model, step, history = state.iter, state.learned_net or None, state.current_step, state.history
+        self.iter = it
+        if model:
             if not os.path.exists(model):  # snapshots moved together: look beside the state file
                 alt = os.path.join(os.path.dirname(state_file), os.path.basename(model))
                 model = alt if os.path.exists(alt) else model
-            self.net.copy_trained_layers_from(read_net_binary(model), model)
-        self.current_step = state.current_step
+            self.net.copy_from(model)
+        self.current_step = step
         hist = self.history_blobs()
-        if len(state.history) != len(hist):
+        if len(history) != len(hist):
             raise SolverError(f"{state_file}: incorrect length of history blobs: the state has "
-                              f"{len(state.history)}, this net's solver needs {len(hist)} (does the "
+                              f"{len(history)}, this net's solver needs {len(hist)} (does the "
                               "state belong to this net and solver type?)")
         log.info("%s: restoring history", type(self).__name__)
-        for i, (h, proto) in enumerate(zip(hist, state.history)):
-            if not h.shape_equals(proto):
-                from ..blob import proto_shape
-                raise SolverError(f"{state_file}: history blob {i} has shape {proto_shape(proto)}, this net's "
+        for i, (h, saved) in enumerate(zip(hist, history)):
+            shape = proto_shape(saved) if isinstance(saved, caffe_pb2.BlobProto) else tuple(saved.shape)
+            if shape != h.shape and not (isinstance(saved, caffe_pb2.BlobProto) and h.shape_equals(saved)):
+                raise SolverError(f"{state_file}: history blob {i} has shape {shape}, this net's "
                                   f"param {i} has shape {h.shape}: the state belongs to another net")
-            h.from_proto(proto, reshape=False)
+            if isinstance(saved, caffe_pb2.BlobProto):
+                h.from_proto(saved, reshape=False)
+            else:
+                h.data[...] = saved
 
 
 @register_solver("Nesterov")

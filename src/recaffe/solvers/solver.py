@@ -326,10 +326,13 @@ class Solver:
         """Write the weights and the solver state (both atomically); returns the state's filename."""
         p = self.param
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            raise SolverError("snapshot_format HDF5 is not supported yet; use BINARYPROTO")
-        model_filename = self.snapshot_filename(".caffemodel")
-        log.info("Snapshotting to binary proto file %s", model_filename)
-        self.net.save(model_filename, write_diff=p.snapshot_diff)
+            model_filename = self.snapshot_filename(".caffemodel.h5")
+            log.info("Snapshotting to HDF5 file %s", model_filename)
+            self.net.save_hdf5(model_filename, write_diff=p.snapshot_diff)
+        else:
+            model_filename = self.snapshot_filename(".caffemodel")
+            log.info("Snapshotting to binary proto file %s", model_filename)
+            self.net.save(model_filename, write_diff=p.snapshot_diff)
         return self.snapshot_solver_state(model_filename)
 
     def snapshot_solver_state(self, model_filename: str) -> str:
