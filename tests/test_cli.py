@@ -79,3 +79,34 @@ def test_unknown_command_and_gpu_without_cuda(capsys):
     if not torch.cuda.is_available():
         assert main(["test", "-model=x", "-weights=y", "-gpu=0"]) == 1
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_signals_snapshot_and_stop_training(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from recaffe.cli.main import SignalHandler
+    from recaffe.solvers import get_solver
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "net.prototxt", NET)
+    write(tmp_path, "s.prototxt", 'net: "net.prototxt" base_lr: 0.1 lr_policy: "fixed" max_iter: 100 '
+          'snapshot_prefix: "sig" snapshot_after_train: true')
+    solver = get_solver("s.prototxt")
+    sent = {2: signal.SIGHUP, 4: signal.SIGINT}
+
+    def on_start():
+        if solver.iter in sent:
+            os.kill(os.getpid(), sent[solver.iter])
+    solver.add_callback(on_start=on_start)
+    with SignalHandler("snapshot", "snapshot") as h1:  # first run: both signals snapshot, training goes on
+        solver.action_request = h1.action
+        solver.step(5)
+    assert sorted(p.name for p in tmp_path.glob("sig_iter_*")) == [
+        "sig_iter_3.caffemodel", "sig_iter_3.solverstate", "sig_iter_5.caffemodel", "sig_iter_5.solverstate"]
+    sent = {7: signal.SIGINT}
+    with SignalHandler("stop", "none") as h2:  # Ctrl-C stops; solve() still snapshots, as Caffe
+        solver.action_request = h2.action
+        with capture_log() as lines:
+            solver.solve()
+    assert solver.iter == 8 and "Optimization stopped early." in lines
+    assert (tmp_path / "sig_iter_8.caffemodel").exists()
