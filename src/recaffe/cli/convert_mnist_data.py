@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from .flags import FlagError, FlagSet
+
 USAGE = """\
 This script converts the MNIST dataset to
 the lmdb/leveldb format used by Caffe to load data.
@@ -18,55 +20,22 @@ Flags:
 """
 
 
-def _parse(argv: list[str]) -> tuple[list[str], str]:
-    """gflags-style arguments: -backend=x, --backend=x, -backend x, --backend x."""
-    positional: list[str] = []
-    backend = "lmdb"
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            positional.extend(argv[i + 1:])
-            break
-        if arg.startswith("-") and len(arg) > 1:
-            name, eq, value = arg.lstrip("-").partition("=")
-            if name in ("h", "help", "helpfull", "helpshort"):
-                raise _Help()
-            if name != "backend":
-                raise _UsageError(f"unknown command line flag '{name}'")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise _UsageError("flag '-backend' is missing its argument")
-                i += 1
-                value = argv[i]
-            backend = value
-        else:
-            positional.append(arg)
-        i += 1
-    return positional, backend
-
-
-class _Help(Exception):
-    pass
-
-
-class _UsageError(Exception):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..data.db import DBError
     from ..data.mnist import MnistFormatError, convert_mnist
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        positional, backend = _parse(argv)
-    except _Help:
+    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
         print(USAGE, end="")
         return 0
-    except _UsageError as e:
+    flags = FlagSet()
+    flags.add("backend", "lmdb", "The backend for storing the result")
+    try:
+        values, positional = flags.parse(argv)
+    except FlagError as e:
         print(f"convert_mnist_data: ERROR: {e}\n\n{USAGE}", end="", file=sys.stderr)
         return 1
+    backend = values["backend"]
     if len(positional) != 3:
         print(f"convert_mnist_data: expected 3 arguments, got {len(positional)}\n\n{USAGE}", end="",
               file=sys.stderr)
