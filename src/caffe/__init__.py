@@ -67,3 +67,14 @@ def init_log(level: int = 0) -> None:
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Net", "NesterovSolver", "RMSPropSolver",
            "SGDSolver", "TEST", "TRAIN", "get_solver", "init_log", "layer_type_list", "set_device",
            "set_mode_cpu", "set_mode_gpu", "set_random_seed"]
+
+# pycaffe's net specification (caffe.NetSpec, caffe.layers, caffe.params, caffe.to_proto,
+# caffe.net_spec) and the base class of Python layers (caffe.Layer).
+import sys as _sys  # noqa: E402
+
+from recaffe import net_spec  # noqa: E402
+from recaffe.layers.python_layer import Layer  # noqa: E402
+from recaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: E402
+
+_sys.modules[__name__ + ".net_spec"] = net_spec  # `import caffe.net_spec` works, as in pycaffe
+__all__ += ["Layer", "NetSpec", "layers", "params", "to_proto"]

@@ -1,2 +1,2 @@
 """Built-in layer types, one family per module; importing this package registers them all."""
-from . import common, data, loss, neuron, normalization, recurrent, vision  # noqa: F401
+from . import common, data, loss, neuron, normalization, python_layer, recurrent, vision  # noqa: F401
