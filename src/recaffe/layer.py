@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .blob import Blob
+from .fillers import fill
 from .proto import caffe_pb2
 
 _REGISTRY: dict[str, type["Layer"]] = {}
@@ -175,6 +176,16 @@ class Layer:
 
     def new_blob(self, shape: Sequence[int]) -> Blob:
         return Blob(shape, self.dtype, self.device)
+
+    def init_weight_and_bias(self, shapes: Sequence[Sequence[int]], weight_filler, bias_filler) -> None:
+        """Create a weight (and bias, when two shapes are given) filled by their fillers, unless
+        params came with the layer; all params then learn (param_propagate_down true)."""
+        if not self.check_blobs(shapes):
+            self.blobs = [self.new_blob(s) for s in shapes]
+            fill(self.blobs[0], weight_filler)
+            if len(shapes) > 1:
+                fill(self.blobs[1], bias_filler)
+        self.param_propagate_down = [True] * len(self.blobs)
 
     def check_blobs(self, shapes: Sequence[Sequence[int]]) -> bool:
         """True when params came from the prototxt/weights already; checks their shapes then."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..fillers import fill
 from ..layer import Layer, canonical_axis, register
 from ..proto import caffe_pb2
 
@@ -25,12 +24,7 @@ class InnerProductLayer(Layer):
         k = bottom[0].count(self.axis)
         w_shape = (k, self.num_output) if self.transpose else (self.num_output, k)
         shapes = [w_shape] + ([(self.num_output,)] if self.bias_term else [])
-        if not self.check_blobs(shapes):
-            self.blobs = [self.new_blob(s) for s in shapes]
-            fill(self.blobs[0], p.weight_filler)
-            if self.bias_term:
-                fill(self.blobs[1], p.bias_filler)
-        self.param_propagate_down = [True] * len(self.blobs)
+        self.init_weight_and_bias(shapes, p.weight_filler, p.bias_filler)
         self.k = k
 
     def reshape(self, bottom, top):
@@ -159,8 +153,22 @@ class ConcatLayer(Layer):
                 b.diff_t = g.contiguous()
 
 
+class _AliasLayer(Layer):
+    """A top that is the bottom's data under another shape (Caffe's ShareData/ShareDiff)."""
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def forward(self, bottom, top):
+        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].diff_t = top[0].diff_t.reshape(bottom[0].shape)
+
+
 @register("Flatten")
-class FlattenLayer(Layer):
+class FlattenLayer(_AliasLayer):
     """Collapses axes ``axis`` .. ``end_axis`` into one; the top aliases the bottom's data."""
 
     exact_num_bottom_blobs = 1
@@ -177,16 +185,9 @@ class FlattenLayer(Layer):
         top[0].reshape(shape[:start] + (bottom[0].count(start, end + 1),) + shape[end + 1:])
         top[0].data_t = bottom[0].data_t.reshape(top[0].shape)  # alias now, as Caffe's ShareData
 
-    def forward(self, bottom, top):
-        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)
-
-    def backward(self, top, propagate_down, bottom):
-        if propagate_down[0]:
-            bottom[0].diff_t = top[0].diff_t.reshape(bottom[0].shape)
-
 
 @register("Reshape")
-class ReshapeLayer(Layer):
+class ReshapeLayer(_AliasLayer):
     """Changes the shape (``shape`` with 0 = copy that dim, one -1 = infer) of the axes
     ``axis`` .. ``axis + num_axes``; the top aliases the bottom's data."""
 
@@ -247,13 +248,6 @@ class ReshapeLayer(Layer):
                              f"({count}) vs bottom shape {b.shape} ({b.count()})")
         top[0].reshape(shape)
         top[0].data_t = bottom[0].data_t.reshape(top[0].shape)  # alias now, as Caffe's ShareData
-
-    def forward(self, bottom, top):
-        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)
-
-    def backward(self, top, propagate_down, bottom):
-        if propagate_down[0]:
-            bottom[0].diff_t = top[0].diff_t.reshape(bottom[0].shape)
 
 
 @register("Softmax")
@@ -705,12 +699,7 @@ class EmbedLayer(Layer):
             raise self.error("EmbedLayer input_dim must be positive.")
         self.bias_term = p.bias_term
         shapes = [(self.input_dim, self.num_output)] + ([(self.num_output,)] if self.bias_term else [])
-        if not self.check_blobs(shapes):
-            self.blobs = [self.new_blob(s) for s in shapes]
-            fill(self.blobs[0], p.weight_filler)
-            if self.bias_term:
-                fill(self.blobs[1], p.bias_filler)
-        self.param_propagate_down = [True] * len(self.blobs)
+        self.init_weight_and_bias(shapes, p.weight_filler, p.bias_filler)
 
     def reshape(self, bottom, top):
         top[0].reshape(bottom[0].shape + (self.num_output,))

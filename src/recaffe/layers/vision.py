@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from .. import rng
 from ..blob import Blob
-from ..fillers import fill
 from ..layer import Layer, LayerError, canonical_axis, register
 from ..proto import caffe_pb2
 
@@ -159,12 +158,7 @@ class _BaseConvolution(Layer):
         if self.blobs and len(self.blobs) != len(shapes):
             raise self.error(f"incorrect number of weight blobs: {len(self.blobs)}, expected "
                              f"{len(shapes)}")
-        if not self.check_blobs(shapes):
-            self.blobs = [self.new_blob(s) for s in shapes]
-            fill(self.blobs[0], p.weight_filler)
-            if self.bias_term:
-                fill(self.blobs[1], p.bias_filler)
-        self.param_propagate_down = [True] * len(self.blobs)
+        self.init_weight_and_bias(shapes, p.weight_filler, p.bias_filler)
         # torch kernels take 1-3 spatial axes; no spatial axis runs as one of length 1
         d = max(self.num_spatial, 1)
         self._w_shape = w_shape if self.num_spatial else w_shape + (1,)
