@@ -19,7 +19,7 @@ import torch
 from google.protobuf import text_format
 
 from . import device as _device
-from .blob import Blob
+from .blob import Blob, proto_shape
 from .insert_splits import insert_splits
 from .io import hdf5_weights
 from .io.netfiles import read_net_binary, read_net_text
@@ -354,15 +354,7 @@ class Net:
         outputs = set(self.outputs if end is None else
                       [self._blob_names[i] for i in self.top_id_vecs[self._layer_index(end)]])
         outputs.update(blobs or ())
-        for name, value in kwargs.items():
-            if name not in self.inputs:
-                raise KeyError(f"{name!r} is not an input blob of this net (inputs: {self.inputs})")
-            blob = self.blobs[name]
-            value = np.asarray(value)
-            if value.shape[:1] != blob.shape[:1]:
-                raise ValueError(f"Input {name!r} is not batch sized: got shape {value.shape}, "
-                                 f"the blob has shape {blob.shape}")
-            blob.data[...] = value
+        self._write_batch(kwargs, self.inputs, "input", "Input", "data")
         start_i = self._layer_index(start) if start is not None else 0
         end_i = self._layer_index(end) if end is not None else len(self.layers) - 1
         self.forward_from_to(start_i, end_i)
@@ -375,19 +367,23 @@ class Net:
         outputs = set(self.inputs if end is None else
                       [self._blob_names[i] for i in self.bottom_id_vecs[self._layer_index(end)]])
         outputs.update(diffs or ())
-        for name, value in kwargs.items():
-            if name not in self.outputs:
-                raise KeyError(f"{name!r} is not an output blob of this net (outputs: {self.outputs})")
-            blob = self.blobs[name]
-            value = np.asarray(value)
-            if value.shape[:1] != blob.shape[:1]:
-                raise ValueError(f"Top diff {name!r} is not batch sized: got shape {value.shape}, "
-                                 f"the blob has shape {blob.shape}")
-            blob.diff[...] = value
+        self._write_batch(kwargs, self.outputs, "output", "Top diff", "diff")
         start_i = self._layer_index(start) if start is not None else len(self.layers) - 1
         end_i = self._layer_index(end) if end is not None else 0
         self.backward_from_to(start_i, end_i)
         return {name: self.blobs[name].diff for name in self._ordered(outputs)}
+
+    def _write_batch(self, values: dict, allowed: list[str], role: str, what: str, field: str) -> None:
+        """Write pycaffe keyword arrays into blobs' ``data``/``diff``, checking names and batch size."""
+        for name, value in values.items():
+            if name not in allowed:
+                raise KeyError(f"{name!r} is not an {role} blob of this net ({role}s: {allowed})")
+            blob = self.blobs[name]
+            value = np.asarray(value)
+            if value.shape[:1] != blob.shape[:1]:
+                raise ValueError(f"{what} {name!r} is not batch sized: got shape {value.shape}, "
+                                 f"the blob has shape {blob.shape}")
+            getattr(blob, field)[...] = value
 
     def forward_all(self, blobs: Sequence[str] | None = None, **kwargs) -> dict[str, np.ndarray]:
         """Run forward over inputs of any length in batches of the net's batch size (pycaffe)."""
@@ -437,7 +433,6 @@ class Net:
                                    f"has {len(src.blobs)}, the net expects {len(target)}")
             for j, proto in enumerate(src.blobs):
                 if not target[j].shape_equals(proto):
-                    from .blob import proto_shape
                     raise WeightsError(
                         f"{source}: cannot copy param {j} weights from layer '{src.name}'; shape mismatch. "
                         f"Source param shape is {_fmt_shape(proto_shape(proto))}; target param shape is "

@@ -198,7 +198,7 @@ class Solver:
                 log.info("Iteration %d (%g iter/s, %.3fs/%d iters), loss = %g", self.iter, per_s, lapse,
                          p.display, self.smoothed_loss)
                 last_time, last_iter = now, self.iter
-                self._log_outputs(net, "Train", lambda v: v)
+                self._log_outputs(net, "Train", self._output_values(net))
             for _, on_grad in self.callbacks:
                 if on_grad:
                     on_grad()
@@ -245,62 +245,48 @@ class Solver:
             self.smoothed_loss += (loss - self.losses[idx]) / n
             self.losses[idx] = loss
 
-    def _log_outputs(self, net: Net, kind: str, mean) -> None:
-        index = 0
+    def _output_values(self, net: Net) -> list[tuple[str, int, float]]:
+        """(blob name, element index, value) for every element of every net output, in order."""
+        return [(name, k, float(v)) for name in net.outputs
+                for k, v in enumerate(net.blobs[name].data.reshape(-1))]
+
+    def _log_outputs(self, net: Net, kind: str, values: list[tuple[str, int, float]]) -> None:
+        """Caffe's "<kind> net output #i: name = v (* w = w*v loss)" lines."""
         weights = net.blob_loss_weights
-        for name in net.outputs:
+        for i, (name, _, v) in enumerate(values):
             w = weights[name]
-            for v in net.blobs[name].data.reshape(-1):
-                v = mean(float(v))
-                extra = f" (* {w:g} = {w * v:g} loss)" if w else ""
-                log.info("    %s net output #%d: %s = %g%s", kind, index, name, v, extra)
-                index += 1
+            extra = f" (* {w:g} = {w * v:g} loss)" if w else ""
+            log.info("    %s net output #%d: %s = %g%s", kind, i, name, v, extra)
 
     def test_all(self) -> dict[int, dict[str, float]]:
         return {i: self.test(i) for i in range(len(self.test_nets))}
 
     def test(self, test_net_id: int = 0) -> dict[str, float]:
-        """Run test net ``test_net_id`` for its ``test_iter`` batches; log and return mean outputs."""
+        """Run test net ``test_net_id`` for its ``test_iter`` batches; log and return the mean of
+        each output element (keyed ``name``, or ``name[k]`` for outputs with several elements)."""
         p = self.param
         log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
         net = self.test_nets[test_net_id]
         net.share_with(self.net)
         iters = p.test_iter[test_net_id]
-        scores: list[float] | None = None
-        ids: list[tuple[str, int]] = []
+        totals: list[tuple[str, int, float]] = []
         total_loss = 0.0
         for i in range(iters):
             if self.action_request and self.action_request() == "stop":
                 self.requested_early_exit = True
-                break
+                log.info("Test interrupted.")
+                return {}
             iter_loss = net.forward_loss()
             if p.test_compute_loss:
                 total_loss += iter_loss
-            values = []
-            for name in net.outputs:
-                flat = net.blobs[name].data.reshape(-1)
-                values.extend(float(v) for v in flat)
-                if scores is None:
-                    ids.extend((name, k) for k in range(flat.size))
-            if scores is None:
-                scores = values
-            else:
-                scores = [a + b for a, b in zip(scores, values)]
-        if self.requested_early_exit:
-            log.info("Test interrupted.")
-            return {}
+            values = self._output_values(net)
+            totals = values if i == 0 else [(n, k, t + v) for (n, k, t), (_, _, v) in zip(totals, values)]
         if p.test_compute_loss:
             log.info("Test loss: %g", total_loss / iters)
-        result: dict[str, float] = {}
-        weights = net.blob_loss_weights
-        for i, (name, _) in enumerate(ids):
-            mean = scores[i] / iters
-            w = weights[name]
-            extra = f" (* {w:g} = {w * mean:g} loss)" if w else ""
-            log.info("    Test net output #%d: %s = %g%s", i, name, mean, extra)
-            result[name if ids.count((name, 0)) and len([x for x in ids if x[0] == name]) == 1
-                   else f"{name}[{_}]"] = mean
-        return result
+        means = [(n, k, t / iters) for n, k, t in totals]
+        self._log_outputs(net, "Test", means)
+        counts = {n: net.blobs[n].count() for n in net.outputs}
+        return {(n if counts[n] == 1 else f"{n}[{k}]"): v for n, k, v in means}
 
     # ---------------------------------------------------------------- update
     @property
