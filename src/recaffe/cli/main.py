@@ -1,7 +1,7 @@
 """The ``caffe`` (= ``recaffe``) command: ``caffe <command> <args>`` as Caffe's tools/caffe.cpp.
 
 commands: train, test, time, device_query, and Caffe's tools under their own names
-(convert_mnist_data).
+(see TOOLS).
 """
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ commands:
   test            score a model
   time            benchmark model execution time
   device_query    show GPU diagnostic information
-  convert_mnist_data  convert the MNIST IDX files to an LMDB/LevelDB of Datums
+
+Caffe's tools (each prints its own usage with -help):
+  convert_imageset, convert_mnist_data, convert_cifar_data, compute_image_mean,
+  extract_features, upgrade_net_proto_text, upgrade_net_proto_binary,
+  upgrade_solver_proto_text, parse_log, plot_training_log, draw_net,
+  export (a net to ONNX or a PyTorch module)
 
 Flags (Caffe's spellings: -flag=value, --flag=value, -flag value):
 """
@@ -250,11 +255,33 @@ def device_query(flags: dict) -> int:
 COMMANDS = {"train": train, "test": test, "time": time_, "device_query": device_query}
 
 
+# Caffe's tools, run as `caffe <tool> ...` (and `recaffe <tool> ...`): name -> module in recaffe.cli
+# whose main(argv) -> exit code implements it. Modules are imported only when their tool runs.
+TOOLS = {
+    "convert_mnist_data": "convert_mnist_data",
+    "convert_cifar_data": "convert_cifar_data",
+    "convert_imageset": "convert_imageset",
+    "compute_image_mean": "compute_image_mean",
+    "extract_features": "extract_features",
+    "upgrade_net_proto_text": "upgrade_tools",
+    "upgrade_net_proto_binary": "upgrade_tools",
+    "upgrade_solver_proto_text": "upgrade_tools",
+    "parse_log": "parse_log",
+    "plot_training_log": "plot_training_log",
+    "draw_net": "draw_net",
+    "export": "export",
+}
+
+
 def _tool(name: str):
-    if name == "convert_mnist_data":
-        from .convert_mnist_data import main as tool_main
-        return tool_main
-    return None
+    """The main(argv) of Caffe's tool ``name``, or None when ``name`` is not a tool."""
+    if name not in TOOLS:
+        return None
+    import importlib
+
+    module = importlib.import_module(f".{TOOLS[name]}", __package__)
+    # modules holding several tools (upgrade_tools) expose one main per tool name
+    return getattr(module, f"main_{name}", None) or module.main
 
 
 def main(argv: list[str] | None = None) -> int:
