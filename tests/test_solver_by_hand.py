@@ -53,12 +53,21 @@ VARIANTS = {
 }
 
 
+POLICY_SETTINGS = "gamma: 0.5 power: 0.75 stepsize: 2 max_iter: 10 stepvalue: 1 stepvalue: 3"
+# Caffe's seven lr policies, from their definitions in caffe.proto's SolverParameter comments.
+POLICIES = {
+    "fixed": lambda p, it: p.base_lr,
+    "step": lambda p, it: p.base_lr * p.gamma ** (it // p.stepsize),
+    "exp": lambda p, it: p.base_lr * p.gamma ** it,
+    "inv": lambda p, it: p.base_lr * (1 + p.gamma * it) ** -p.power,
+    "multistep": lambda p, it: p.base_lr * p.gamma ** sum(it >= v for v in p.stepvalue),
+    "poly": lambda p, it: p.base_lr * (1 - it / p.max_iter) ** p.power,
+    "sigmoid": lambda p, it: p.base_lr / (1 + math.exp(-p.gamma * (it - p.stepsize))),
+}
+
+
 def rate_at(p, it):
-    """The lr policies used above, from their formulas."""
-    if p.lr_policy == "fixed":
-        return p.base_lr
-    assert p.lr_policy == "step"
-    return p.base_lr * p.gamma ** (it // p.stepsize)
+    return POLICIES[p.lr_policy](p, it)
 
 
 def documented_recipe():
@@ -76,17 +85,28 @@ def batches(n):
             for _ in range(n)]
 
 
-def make_solver(kind, variant):
-    text = NET + f'type: "{kind}"\n{TYPES[kind]}\n{VARIANTS[variant]}\n'
+def make_solver(kind, settings):
+    text = NET + f'type: "{kind}"\n{TYPES[kind]}\n{settings}\n'
     return create_solver(parse_text(text, caffe_pb2.SolverParameter()))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_documented_recipe_reproduces_step(kind, variant):
+    compare_with_recipe(kind, VARIANTS[variant], steps=5)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_every_lr_policy_with_every_solver_type(kind, policy):
+    settings = f'base_lr: 0.05 lr_policy: "{policy}" {POLICY_SETTINGS} weight_decay: 0.01'
+    compare_with_recipe(kind, settings, steps=4)
+
+
+def compare_with_recipe(kind, settings, steps):
     update_by_hand = documented_recipe()
-    steps = 5
-    a, b = make_solver(kind, variant), make_solver(kind, variant)
+    variant = f"{settings!r}"
+    a, b = make_solver(kind, settings), make_solver(kind, settings)
     for pa, pb in zip(a.net.learnable_params, b.net.learnable_params):
         assert np.array_equal(pa.data, pb.data)  # same seed, same init
     net, p, hist = b.net, b.param, {}
@@ -112,7 +132,7 @@ def test_documented_recipe_reproduces_step(kind, variant):
 def test_recipe_is_not_vacuous_it_detects_a_wrong_rate():
     """With a rate off by 10% the recipe no longer matches: the comparison above can fail."""
     update_by_hand = documented_recipe()
-    a, b = make_solver("Adam", "L2"), make_solver("Adam", "L2")
+    a, b = make_solver("Adam", VARIANTS["L2"]), make_solver("Adam", VARIANTS["L2"])
     (x, y), = batches(1)
     for s in (a, b):
         s.net.blobs["x"].data[...] = x
