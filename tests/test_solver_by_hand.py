@@ -146,3 +146,25 @@ def test_recipe_is_not_vacuous_it_detects_a_wrong_rate():
                for pa, pb in zip(a.net.learnable_params, b.net.learnable_params))
     assert diff > 1e-4
     assert not math.isnan(diff)
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_forward_backward_then_apply_update_alone_is_step(kind):
+    """Your own forward/backward, then only Caffe's update: solver.apply_update() (+ iter += 1,
+    which Solver::Step does after the update) gives step()'s weights exactly."""
+    settings = VARIANTS["decoupled_step_itersize"].replace("iter_size: 2", "")
+    a, b = make_solver(kind, settings), make_solver(kind, settings)
+    for x, y in batches(4):
+        for s in (a, b):
+            s.net.blobs["x"].data[...] = x
+            s.net.blobs["y"].data[...] = y
+        a.step(1)
+        assert b.lr == pytest.approx(rate_at(b.param, b.iter), rel=1e-6)
+        b.net.clear_param_diffs()
+        b.net.forward()
+        b.net.backward()
+        b.apply_update()
+        b.iter += 1
+        for pa, pb in zip(a.net.learnable_params, b.net.learnable_params):
+            assert np.array_equal(pa.data, pb.data)
+    assert a.iter == b.iter == 4
