@@ -78,3 +78,10 @@ from recaffe.net_spec import NetSpec, layers, params, to_proto  # noqa: E402
 
 _sys.modules[__name__ + ".net_spec"] = net_spec  # `import caffe.net_spec` works, as in pycaffe
 __all__ += ["Layer", "NetSpec", "layers", "params", "to_proto"]
+
+# pycaffe's preprocessing and image helpers (caffe.io) and its Net subclasses for images.
+from . import io  # noqa: E402
+from .classifier import Classifier  # noqa: E402
+from .detector import Detector  # noqa: E402
+
+__all__ += ["Classifier", "Detector", "io"]
