@@ -406,6 +406,12 @@ class Net:
                 all_outs[k].append(v.copy())
         return {k: np.concatenate(v)[:n] for k, v in all_outs.items()}
 
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """pycaffe's ``net.set_input_arrays``: feed a MemoryData first layer (which keeps the arrays)."""
+        if not self.layers or self.layers[0].type != "MemoryData":
+            raise RuntimeError("set_input_arrays may only be called if the first layer is a MemoryDataLayer")
+        self.layers[0].set_input_arrays(data, labels)
+
     def reshape(self) -> None:
         for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs):
             layer.reshape(bottom, top)

@@ -1,0 +1,209 @@
+"""HDF5Data (rows of HDF5 datasets as tops) and HDF5Output (bottoms written to an HDF5 file),
+with Caffe's semantics, through h5py."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..io.hdf5_weights import _atomic_h5, _h5py
+from ..layer import Layer, register
+from ..log import get_logger
+from .image_data import _generator
+
+log = get_logger(__name__)
+
+
+class HDF5DataError(ValueError):
+    """An HDF5 list file, file or dataset that cannot be used; the message names it."""
+
+
+def read_hdf5_list(source: str) -> list[str]:
+    """The HDF5 file names of a list file: whitespace-separated, as Caffe reads them (so names
+    cannot contain spaces); relative names are relative to the working directory, as in Caffe."""
+    try:
+        with open(source, encoding="utf-8", errors="surrogateescape") as f:
+            names = f.read().split()
+    except OSError as e:
+        raise HDF5DataError(f"Failed to open source file {source!r}: {e.strerror or e}") from None
+    if not names:
+        raise HDF5DataError(f"Must have at least 1 HDF5 filename listed in {source!r}")
+    return names
+
+
+def load_hdf5_file(filename: str, dataset_names, np_dtype) -> list[np.ndarray]:
+    """The named datasets of one file, read as ``np_dtype`` (float and integer datasets, as
+    Caffe's ``hdf5_load_nd_dataset``). All must have at least one axis and the same row count."""
+    h5py = _h5py()
+    try:
+        f = h5py.File(filename, "r")
+    except (OSError, ValueError) as e:
+        reason = "no such file" if not os.path.exists(filename) else str(e)
+        raise HDF5DataError(f"Failed opening HDF5 file {filename!r}: {reason}") from None
+    arrays = []
+    with f:
+        for name in dataset_names:
+            ds = f.get(name)
+            if not isinstance(ds, h5py.Dataset):
+                raise HDF5DataError(f"{filename}: Failed to find HDF5 dataset {name!r} "
+                                    f"(the file has: {', '.join(sorted(f.keys())) or 'nothing'})")
+            if ds.dtype.kind not in "fiu":
+                raise HDF5DataError(f"{filename}: dataset {name!r} has type {ds.dtype}; HDF5Data reads "
+                                    f"float or integer datasets")
+            if ds.ndim < 1:
+                raise HDF5DataError(f"{filename}: dataset {name!r} is a scalar; rows need a first axis")
+            arrays.append(np.asarray(ds[...], dtype=np_dtype))
+    for name, a in zip(dataset_names[1:], arrays[1:]):
+        if a.shape[0] != arrays[0].shape[0]:
+            raise HDF5DataError(f"{filename}: dataset {name!r} has {a.shape[0]} rows but "
+                                f"{dataset_names[0]!r} has {arrays[0].shape[0]}")
+    if arrays[0].shape[0] == 0:
+        raise HDF5DataError(f"{filename}: the datasets have no rows")
+    return arrays
+
+
+@register("HDF5Data")
+class HDF5DataLayer(Layer):
+    """Rows of HDF5 datasets; each top is the dataset of the same name.
+
+    ``hdf5_data_param.source`` lists the .h5 files. Each file is loaded whole; ``batch_size``
+    rows are copied per forward, moving on to the next file at the end of one and wrapping around
+    after the last. With ``shuffle``, the file order is shuffled at setup and at each wrap-around,
+    and the row order within a file each time it is started, as in Caffe. Data are read as the
+    net's float type; every file must give each top the same shape past the first axis.
+    """
+
+    exact_num_bottom_blobs = 0
+    min_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        if self.layer_param.HasField("transform_param"):
+            raise self.error("HDF5Data does not transform data (remove transform_param)")
+        p = self.layer_param.hdf5_data_param
+        if p.batch_size <= 0:
+            raise self.error("hdf5_data_param.batch_size must be positive")
+        self._names = list(self.layer_param.top)
+        if len(self._names) != len(top):
+            raise self.error("every top must be named: the names are the datasets read")
+        self._np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        self._shuffle = bool(p.shuffle)
+        self._rng = _generator(self, 0)
+        log.info("Loading list of HDF5 filenames from: %s", p.source)
+        try:
+            self._files = read_hdf5_list(p.source)
+        except HDF5DataError as e:
+            raise self.error(str(e)) from None
+        log.info("Number of HDF5 files: %d", len(self._files))
+        self._file_order = np.arange(len(self._files))
+        if self._shuffle:
+            self._rng.shuffle(self._file_order)
+        self._current_file = 0
+        self._shapes = None
+        self._load_current_file()
+        self._shapes = [a.shape[1:] for a in self._arrays]
+        for t, shape in zip(top, self._shapes):
+            t.reshape((p.batch_size, *shape))
+
+    def _load_current_file(self) -> None:
+        filename = self._files[self._file_order[self._current_file]]
+        try:
+            arrays = load_hdf5_file(filename, self._names, self._np_dtype)
+        except HDF5DataError as e:
+            raise self.error(str(e)) from None
+        if self._shapes is not None:
+            for name, a, shape in zip(self._names, arrays, self._shapes):
+                if a.shape[1:] != shape:
+                    raise self.error(f"{filename}: dataset {name!r} has rows of shape {a.shape[1:]}, but "
+                                     f"the top was shaped {shape} from the first file")
+        self._arrays = arrays
+        self._rows = np.arange(arrays[0].shape[0])
+        if self._shuffle:
+            self._rng.shuffle(self._rows)
+        self._current_row = 0
+        log.debug("Successfully loaded %d rows", arrays[0].shape[0])
+
+    def _next(self) -> None:
+        """Caffe's HDF5DataLayer::Next: one row on; the next file (or the first) at a file's end."""
+        self._current_row += 1
+        if self._current_row == len(self._rows):
+            if len(self._files) > 1:
+                self._current_file += 1
+                if self._current_file == len(self._files):
+                    self._current_file = 0
+                    if self._shuffle:
+                        self._rng.shuffle(self._file_order)
+                    log.debug("Looping around to first file.")
+                self._load_current_file()
+            self._current_row = 0
+            if self._shuffle:
+                self._rng.shuffle(self._rows)
+
+    def reshape(self, bottom, top):
+        pass  # shapes are fixed at setup
+
+    def forward(self, bottom, top):
+        batch = self.layer_param.hdf5_data_param.batch_size
+        picks = [[] for _ in top]
+        for _ in range(batch):
+            row = self._rows[self._current_row]
+            for j, a in enumerate(self._arrays):
+                picks[j].append(a[row])
+            self._next()
+        for t, rows in zip(top, picks):
+            t.data_t = torch.from_numpy(np.stack(rows)).to(self.device)
+
+
+@register("HDF5Output")
+class HDF5OutputLayer(Layer):
+    """Writes its two bottoms to ``hdf5_output_param.file_name`` as the float datasets ``data``
+    and ``label``, each in Caffe's legacy 4-D shape (num, channels, height, width).
+
+    As in Caffe, the file is created (emptied) at setup and the datasets are written by the first
+    forward; Caffe's second forward fails because the datasets exist (BVLC/caffe#1726), and so
+    does recaffe's, with an error instead of overwriting the rows already saved. The file is
+    written atomically (a temporary file renamed into place).
+    """
+
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 0
+
+    def layer_setup(self, bottom, top):
+        self._file_name = self.layer_param.hdf5_output_param.file_name
+        if not self._file_name:
+            raise self.error("hdf5_output_param.file_name is required")
+        self._written = False
+        try:
+            _atomic_h5(self._file_name, lambda f: None)
+        except OSError as e:
+            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: {e}") from None
+
+    def reshape(self, bottom, top):
+        pass
+
+    def _legacy_4d(self, blob, which: str) -> np.ndarray:
+        if blob.num_axes > 4:
+            raise self.error(f"the {which} bottom has {blob.num_axes} axes; HDF5Output saves at most 4")
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+        return blob.data_t.detach().cpu().numpy().reshape(shape)
+
+    def forward(self, bottom, top):
+        if self._written:
+            raise self.error(f"{self._file_name}: the datasets 'data' and 'label' were written by the "
+                             f"first forward; Caffe's HDF5Output cannot write a second batch to the same "
+                             f"file (it fails there too)")
+        if bottom[0].num != bottom[1].num:
+            raise self.error(f"data blob and label blob must have the same batch size "
+                             f"({bottom[0].num} vs {bottom[1].num})")
+        data, label = self._legacy_4d(bottom[0], "data"), self._legacy_4d(bottom[1], "label")
+        log.info("Saving HDF5 file %s", self._file_name)
+
+        def write(f):
+            f.create_dataset("data", data=data)
+            f.create_dataset("label", data=label)
+        try:
+            _atomic_h5(self._file_name, write)
+        except OSError as e:
+            raise self.error(f"Failed to write HDF5 file {self._file_name!r}: {e}") from None
+        self._written = True
+        log.info("Successfully saved %d rows", data.shape[0])
