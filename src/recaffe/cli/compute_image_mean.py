@@ -1,0 +1,63 @@
+"""compute_image_mean: the mean image of an LMDB or LevelDB of Datums, written as a binaryproto,
+as Caffe's tool (the computation is :func:`recaffe.data.image_mean.compute_image_mean`).
+
+Usage: compute_image_mean [FLAGS] INPUT_DB [OUTPUT_FILE]
+"""
+from __future__ import annotations
+
+import sys
+
+from .flags import FlagError, FlagSet
+
+USAGE = """\
+Compute the mean_image of a set of images given by a leveldb/lmdb
+Usage:
+    compute_image_mean [FLAGS] INPUT_DB [OUTPUT_FILE]
+
+Flags:
+"""
+
+
+def _flags() -> FlagSet:
+    f = FlagSet()
+    f.add("backend", "lmdb", "The backend {leveldb, lmdb} containing the images")
+    return f
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..data.db import DBError
+    from ..data.image_mean import ImageMeanError, channel_means, compute_image_mean
+    from ..io.protofiles import write_binary
+    from ..log import get_logger
+
+    log = get_logger("compute_image_mean")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = _flags()
+    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
+        print(USAGE + flags.usage())
+        return 0
+    try:
+        values, positional = flags.parse(argv)
+    except FlagError as e:
+        print(f"compute_image_mean: ERROR: {e}\n\n{USAGE}{flags.usage()}", file=sys.stderr)
+        return 1
+    if len(positional) not in (1, 2):
+        print(f"compute_image_mean: expected 1 or 2 arguments, got {len(positional)}\n\n"
+              f"{USAGE}{flags.usage()}", file=sys.stderr)
+        return 1
+    try:
+        mean = compute_image_mean(positional[0], values["backend"])
+        if len(positional) == 2:
+            log.info("Write to %s", positional[1])
+            write_binary(positional[1], mean)  # atomic: a temporary file renamed into place
+    except (ImageMeanError, DBError, OSError) as e:
+        print(f"compute_image_mean: {e}", file=sys.stderr)
+        return 1
+    log.info("Number of channels: %d", mean.channels)
+    for c, value in enumerate(channel_means(mean)):
+        log.info("mean_value channel [%d]:%g", c, value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
