@@ -19,7 +19,7 @@ class HDF5FormatError(ValueError):
     pass
 
 
-def _h5py():
+def import_h5py():
     try:
         import h5py
     except ImportError as e:  # pragma: no cover - h5py is a dependency
@@ -29,13 +29,14 @@ def _h5py():
 
 def is_hdf5(path: str) -> bool:
     try:
-        return _h5py().is_hdf5(path)
+        return import_h5py().is_hdf5(path)
     except (OSError, HDF5FormatError):
         return False
 
 
-def _atomic_h5(path: str, write) -> None:
-    h5py = _h5py()
+def write_hdf5_atomically(path: str, write) -> None:
+    """Create the HDF5 file `path` through write(h5py.File) on a temp file renamed into place."""
+    h5py = import_h5py()
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
@@ -67,14 +68,14 @@ def save_net(net, path: str, write_diff: bool = False) -> None:
                     g.create_dataset(str(j), data=_array(blob))
                 if gd is not None:
                     gd.create_dataset(str(j), data=_array(blob, diff=True))
-    _atomic_h5(os.fspath(path), write)
+    write_hdf5_atomically(os.fspath(path), write)
 
 
 def load_net(net, path: str) -> None:
     from ..log import get_logger
     from ..net import WeightsError
     log = get_logger(__name__)
-    h5py = _h5py()
+    h5py = import_h5py()
     with h5py.File(path, "r") as f:
         if "data" not in f:
             raise WeightsError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
@@ -100,7 +101,7 @@ def load_net(net, path: str) -> None:
 
 
 def save_state(path: str, iteration: int, learned_net: str, current_step: int, history: list[Blob]) -> None:
-    h5py = _h5py()
+    h5py = import_h5py()
 
     def write(f):
         f.create_dataset("iter", data=np.array([iteration], np.int32))
@@ -109,12 +110,12 @@ def save_state(path: str, iteration: int, learned_net: str, current_step: int, h
         g = f.create_group("history")
         for i, h in enumerate(history):
             g.create_dataset(str(i), data=_array(h))
-    _atomic_h5(os.fspath(path), write)
+    write_hdf5_atomically(os.fspath(path), write)
 
 
 def load_state(path: str) -> tuple[int, str | None, int, list[np.ndarray]]:
     """(iter, learned_net or None, current_step, history arrays) from a ``.solverstate.h5``."""
-    h5py = _h5py()
+    h5py = import_h5py()
     with h5py.File(path, "r") as f:
         try:
             it = int(np.asarray(f["iter"][()]).reshape(-1)[0])

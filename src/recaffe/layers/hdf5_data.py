@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from ..io.hdf5_weights import _atomic_h5, _h5py
+from ..io.hdf5_weights import write_hdf5_atomically, import_h5py
 from ..layer import Layer, register
 from ..log import get_logger
 from .image_data import _generator
@@ -35,7 +35,7 @@ def read_hdf5_list(source: str) -> list[str]:
 def load_hdf5_file(filename: str, dataset_names, np_dtype) -> list[np.ndarray]:
     """The named datasets of one file, read as ``np_dtype`` (float and integer datasets, as
     Caffe's ``hdf5_load_nd_dataset``). All must have at least one axis and the same row count."""
-    h5py = _h5py()
+    h5py = import_h5py()
     try:
         f = h5py.File(filename, "r")
     except (OSError, ValueError) as e:
@@ -174,7 +174,7 @@ class HDF5OutputLayer(Layer):
             raise self.error("hdf5_output_param.file_name is required")
         self._written = False
         try:
-            _atomic_h5(self._file_name, lambda f: None)
+            write_hdf5_atomically(self._file_name, lambda f: None)
         except OSError as e:
             raise self.error(f"Failed to open HDF5 file {self._file_name!r}: {e}") from None
 
@@ -202,7 +202,7 @@ class HDF5OutputLayer(Layer):
             f.create_dataset("data", data=data)
             f.create_dataset("label", data=label)
         try:
-            _atomic_h5(self._file_name, write)
+            write_hdf5_atomically(self._file_name, write)
         except OSError as e:
             raise self.error(f"Failed to write HDF5 file {self._file_name!r}: {e}") from None
         self._written = True
