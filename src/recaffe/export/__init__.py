@@ -1,0 +1,11 @@
+"""Export a recaffe Net to ONNX or to a plain PyTorch module (``caffe export``).
+
+``build_graph`` walks the net; ``lowering.LOWERINGS`` maps each Caffe type to explicit
+semantics; ``onnx_export`` and ``torch_export`` emit them. See docs/export.md.
+"""
+from .graph import ExportError, ExportGraph, build_graph
+from .onnx_export import export_onnx, to_onnx
+from .torch_export import export_torch, load_torch_module, to_torch_source, write_torch
+
+__all__ = ["ExportError", "ExportGraph", "build_graph", "export_onnx", "to_onnx", "export_torch",
+           "load_torch_module", "to_torch_source", "write_torch"]
