@@ -230,16 +230,32 @@ class Blob:
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.BlobProto:
         proto = caffe_pb2.BlobProto()
         proto.shape.dim.extend(self._shape)
-        double = self.dtype == torch.float64
-        data = self.data_t.detach().cpu().numpy().ravel()
-        (proto.double_data if double else proto.data).extend(data.astype("f8" if double else "f4"))
+        prefix = "double_" if self.dtype == torch.float64 else ""
+        set_packed_values(proto, prefix + "data", self.data_t.detach().cpu().numpy())
         if write_diff:
-            diff = self.diff_t.detach().cpu().numpy().ravel()
-            (proto.double_diff if double else proto.diff).extend(diff.astype("f8" if double else "f4"))
+            set_packed_values(proto, prefix + "diff", self.diff_t.detach().cpu().numpy())
         return proto
 
     def __repr__(self) -> str:
         return f"Blob(shape={self._shape}, dtype={self.dtype}, device={self.device})"
+
+
+def set_packed_values(proto: caffe_pb2.BlobProto, field: str, values) -> None:
+    """Append ``values`` to the packed float/double field ``field`` (data, diff, double_data,
+    double_diff) as one wire-format chunk: protobuf parses it in one copy, where extending the
+    repeated field element by element costs about a microsecond per value."""
+    dtype = "<f8" if field.startswith("double_") else "<f4"
+    raw = np.ascontiguousarray(values, dtype=dtype).tobytes()
+    if not raw:
+        return
+    n, length = len(raw), bytearray()
+    while True:  # the byte length as a varint
+        length.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+    number = caffe_pb2.BlobProto.DESCRIPTOR.fields_by_name[field].number  # 5, 6, 8, 9: one-byte tags
+    proto.MergeFromString(bytes([number << 3 | 2]) + bytes(length) + raw)
 
 
 def proto_shape(proto: caffe_pb2.BlobProto) -> tuple[int, ...]:

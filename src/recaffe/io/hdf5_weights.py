@@ -60,8 +60,10 @@ def save_net(net, path: str, write_diff: bool = False) -> None:
         data = f.create_group("data")
         diff = f.create_group("diff") if write_diff else None
         for layer_id, (name, layer) in enumerate(zip(net.layer_names, net.layers)):
-            g = data.create_group(name)
-            gd = diff.create_group(name) if diff is not None else None
+            # A '/' in a layer name (GoogLeNet's conv1/7x7_s2) makes nested groups; load_net walks
+            # them. (Caffe's own HDF5 writer aborts on such names.)
+            g = data.require_group(name)
+            gd = diff.require_group(name) if diff is not None else None
             for j, blob in enumerate(layer.blobs):
                 net_param_id = net.param_id(layer_id, j)
                 if net._param_owners[net_param_id] == -1:
@@ -69,6 +71,15 @@ def save_net(net, path: str, write_diff: bool = False) -> None:
                 if gd is not None:
                     gd.create_dataset(str(j), data=_array(blob, diff=True))
     write_hdf5_atomically(os.fspath(path), write)
+
+
+def _layer_groups(h5py, group, prefix: str = ""):
+    """(layer name, group) for every group under ``group``; nested groups are layers whose names
+    hold '/' (their parent may be a layer too: MobileNet's conv1 and conv1/bn)."""
+    for key, item in group.items():
+        if isinstance(item, h5py.Group):
+            yield prefix + key, item
+            yield from _layer_groups(h5py, item, prefix + key + "/")
 
 
 def load_net(net, path: str) -> None:
@@ -79,12 +90,14 @@ def load_net(net, path: str) -> None:
     with h5py.File(path, "r") as f:
         if "data" not in f:
             raise WeightsError(f"{path}: not a Caffe HDF5 weights file (no 'data' group)")
-        for name, group in f["data"].items():
+        for name, group in _layer_groups(h5py, f["data"]):
             if not net.has_layer(name):
-                log.info("Ignoring source layer %s", name)
+                if any(isinstance(v, h5py.Dataset) for v in group.values()):
+                    log.info("Ignoring source layer %s", name)
                 continue
             layer_id = net.layer_names.index(name)
             target = net.layers[layer_id].blobs
+            group = {k: v for k, v in group.items() if isinstance(v, h5py.Dataset)}
             if len(group) > len(target):
                 raise WeightsError(f"{path}: incompatible number of blobs for layer {name!r}")
             for j, blob in enumerate(target):
