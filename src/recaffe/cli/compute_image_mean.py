@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .flags import FlagError, FlagSet
+from .flags import FlagSet, parse_tool_argv
 
 USAGE = """\
 Compute the mean_image of a set of images given by a leveldb/lmdb
@@ -33,18 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     log = get_logger("compute_image_mean")
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = _flags()
-    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
-        print(USAGE + flags.usage())
-        return 0
-    try:
-        values, positional = flags.parse(argv)
-    except FlagError as e:
-        print(f"compute_image_mean: ERROR: {e}\n\n{USAGE}{flags.usage()}", file=sys.stderr)
-        return 1
-    if len(positional) not in (1, 2):
-        print(f"compute_image_mean: expected 1 or 2 arguments, got {len(positional)}\n\n"
-              f"{USAGE}{flags.usage()}", file=sys.stderr)
-        return 1
+    parsed = parse_tool_argv("compute_image_mean", flags, argv, USAGE, nargs=(1, 2))
+    if isinstance(parsed, int):
+        return parsed
+    values, positional = parsed
     try:
         mean = compute_image_mean(positional[0], values["backend"])
         if len(positional) == 2:

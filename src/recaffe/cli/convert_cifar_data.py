@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from .flags import parse_tool_argv
+
 USAGE = """\
 This script converts the CIFAR dataset to the leveldb format used
 by caffe to perform classification.
@@ -26,14 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.db import DBError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
-        print(USAGE, end="")
-        return 0
-    if len(argv) != 3:
-        # Caffe prints the usage and exits with 0; a wrong command line is an error here.
-        print(f"convert_cifar_data: expected 3 arguments, got {len(argv)}\n\n{USAGE}", end="",
-              file=sys.stderr)
-        return 1
+    parsed = parse_tool_argv("convert_cifar_data", None, argv, USAGE, nargs=(3,))
+    if isinstance(parsed, int):
+        return parsed
     input_folder, output_folder, db_type = argv
     try:
         convert_cifar(input_folder, output_folder, db_type)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .flags import FlagError, FlagSet
+from .flags import FlagSet, parse_tool_argv
 
 USAGE = """\
 Convert a set of images to the leveldb/lmdb
@@ -42,18 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = _flags()
-    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
-        print(USAGE + flags.usage())
-        return 0
-    try:
-        values, positional = flags.parse(argv)
-    except FlagError as e:
-        print(f"convert_imageset: ERROR: {e}\n\n{USAGE}{flags.usage()}", file=sys.stderr)
-        return 1
-    if len(positional) != 3:
-        print(f"convert_imageset: expected 3 arguments, got {len(positional)}\n\n{USAGE}{flags.usage()}",
-              file=sys.stderr)
-        return 1
+    parsed = parse_tool_argv("convert_imageset", flags, argv, USAGE, nargs=(3,))
+    if isinstance(parsed, int):
+        return parsed
+    values, positional = parsed
     root, list_file, db_path = positional
     try:
         convert_imageset(root, list_file, db_path, backend=values["backend"], gray=values["gray"],

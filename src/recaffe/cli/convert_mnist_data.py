@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from .flags import FlagError, FlagSet
+from .flags import FlagSet, parse_tool_argv
 
 USAGE = """\
 This script converts the MNIST dataset to
@@ -16,7 +16,6 @@ Usage:
 The image and label files may be gzip-compressed.
 
 Flags:
-    -backend (The backend for storing the result) type: string default: "lmdb"
 """
 
 
@@ -25,21 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.mnist import MnistFormatError, convert_mnist
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a.lstrip("-") in ("h", "help", "helpfull", "helpshort") for a in argv if a.startswith("-")):
-        print(USAGE, end="")
-        return 0
     flags = FlagSet()
     flags.add("backend", "lmdb", "The backend for storing the result")
-    try:
-        values, positional = flags.parse(argv)
-    except FlagError as e:
-        print(f"convert_mnist_data: ERROR: {e}\n\n{USAGE}", end="", file=sys.stderr)
-        return 1
+    parsed = parse_tool_argv("convert_mnist_data", flags, argv, USAGE, nargs=(3,))
+    if isinstance(parsed, int):
+        return parsed
+    values, positional = parsed
     backend = values["backend"]
-    if len(positional) != 3:
-        print(f"convert_mnist_data: expected 3 arguments, got {len(positional)}\n\n{USAGE}", end="",
-              file=sys.stderr)
-        return 1
     if backend.lower() not in ("lmdb", "leveldb"):
         print(f"convert_mnist_data: Unknown db backend {backend!r} (use lmdb or leveldb)", file=sys.stderr)
         return 1

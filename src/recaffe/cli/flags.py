@@ -66,3 +66,34 @@ class FlagSet:
             except ValueError:
                 raise FlagError(f"flag -{name} takes a {flag.kind.__name__}, got {value!r}") from None
         return values, positional
+
+
+HELP_FLAGS = ("h", "help", "helpfull", "helpshort")
+
+
+def parse_tool_argv(tool: str, flags: FlagSet | None, argv: list[str], usage: str,
+                    nargs: tuple[int, ...]) -> int | tuple[dict[str, object], list[str]]:
+    """The command-line prelude shared by Caffe's tools.
+
+    ``-help`` prints the usage and gives exit code 0; a bad flag, or a number of positional
+    arguments not in ``nargs``, prints the problem and the usage on stderr and gives 1. Otherwise
+    returns ``(flag values, positional arguments)``. (Caffe's tools print the usage and exit 0
+    on a wrong command line; here it is an error.)
+    """
+    import sys
+
+    full_usage = usage + (flags.usage() + "\n" if flags is not None and flags.flags else "")
+    if any(a.lstrip("-") in HELP_FLAGS for a in argv if a.startswith("-")):
+        print(full_usage, end="")
+        return 0
+    try:
+        values, positional = flags.parse(argv) if flags is not None else ({}, list(argv))
+    except FlagError as e:
+        print(f"{tool}: ERROR: {e}\n\n{full_usage}", end="", file=sys.stderr)
+        return 1
+    if len(positional) not in nargs:
+        want = " or ".join(str(n) for n in nargs)
+        print(f"{tool}: expected {want} arguments, got {len(positional)}\n\n{full_usage}", end="",
+              file=sys.stderr)
+        return 1
+    return values, positional
