@@ -374,3 +374,35 @@ def test_lstm_learns_to_echo_the_previous_input():
     solver.step(200)
     start, end = np.mean(losses[:10]), np.mean(losses[-20:])
     assert end < 0.1 * start, (start, end)
+
+
+def test_lstm_built_with_netspec_learns_the_echo_task():
+    """The same task with the net written in pycaffe's NetSpec (caffe.layers.LSTM with a cont input)."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.x, n.cont, n.y = L.Input(shape=[dict(dim=[8, 16, 1]), dict(dim=[8, 16]), dict(dim=[8, 16, 1])], ntop=3)
+    uniform = dict(type="uniform", min=-0.3, max=0.3)
+    n.h = L.LSTM(n.x, n.cont, recurrent_param=dict(num_output=8, weight_filler=uniform,
+                                                   bias_filler=dict(type="constant", value=0)))
+    n.pred = L.InnerProduct(n.h, num_output=1, axis=2, weight_filler=uniform)
+    n.loss = L.EuclideanLoss(n.pred, n.y)
+    sp = caffe_pb2.SolverParameter(type="Adam", base_lr=0.03, momentum=0.9, momentum2=0.999,
+                                   lr_policy="fixed", max_iter=200, random_seed=3)
+    sp.net_param.CopyFrom(n.to_proto())
+    assert [lp.type for lp in sp.net_param.layer] == ["Input", "LSTM", "InnerProduct", "EuclideanLoss"]
+    assert list(sp.net_param.layer[1].bottom) == ["x", "cont"]
+    solver = create_solver(sp)
+    net = solver.net
+    rng = np.random.default_rng(1)
+    losses = []
+    for _ in range(200):
+        x, cont, y = echo_batch(rng)
+        net.blobs["x"].data[...] = x
+        net.blobs["cont"].data[...] = cont
+        net.blobs["y"].data[...] = y
+        solver.step(1)
+        losses.append(float(net.blobs["loss"].data))
+    start, end = np.mean(losses[:10]), np.mean(losses[-20:])
+    assert end < 0.1 * start, (start, end)
