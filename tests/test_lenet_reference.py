@@ -61,3 +61,19 @@ def test_caffe_solverstate_restores(lenet_workdir, monkeypatch):
         for mine, theirs in zip(solver.net.params[name], blobs):
             assert np.array_equal(mine.data, theirs.data)
     assert any(h.data.any() for h in solver.history)  # Caffe's momentum history came along
+
+
+def test_caffe_time_on_lenet_prints_the_per_layer_table(lenet_workdir, monkeypatch):
+    """`caffe time -model lenet_train_test.prototxt -iterations 2`: Caffe's per-layer lines for every
+    layer of the TRAIN net, then the averages."""
+    monkeypatch.chdir(lenet_workdir)
+    os.symlink("mnist_test_lmdb", "mnist_train_lmdb")
+    with capture_log() as lines:
+        assert caffe_main(["time", "-model", "lenet_train_test.prototxt", "-iterations", "2"]) == 0
+    layers = ["mnist", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "loss"]
+    for name in layers:
+        for way in ("forward", "backward"):
+            assert any(re.match(rf"^\s*{name}\t{way}: [\d.e+-]+ ms\.$", ln) for ln in lines), (name, way)
+    assert sum(ln.startswith("Iteration: ") for ln in lines) == 2
+    for what in ("Average Forward pass", "Average Backward pass", "Average Forward-Backward", "Total Time"):
+        assert any(re.match(rf"^{what}: [\d.e+-]+ ms\.$", ln) for ln in lines), what

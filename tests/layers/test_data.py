@@ -550,3 +550,16 @@ def test_lmdb_in_a_read_only_folder_is_read_without_locks(tmp_path, monkeypatch)
     db = open_db("lmdb", src, READ)
     assert [caffe_pb2.Datum.FromString(v).label for _, v in db.new_cursor()] == [4, 2]
     db.close()
+
+
+@pytest.mark.parametrize("backend, junk_file, words", [
+    ("LMDB", "data.mdb", "not an LMDB file"),
+    ("LEVELDB", "CURRENT", "Corruption"),
+])
+def test_data_layer_corrupt_database_names_the_database(tmp_path, backend, junk_file, words):
+    src = tmp_path / "corrupt_db"
+    src.mkdir()
+    (src / junk_file).write_bytes(np.random.default_rng(0).bytes(9000))
+    with pytest.raises(LayerError, match=f"'mnist': cannot open {'LMDB' if backend == 'LMDB' else 'LevelDB'} "
+                                         f"'{src}'.*{words}"):
+        data_layer(src, 1, backend=backend)
