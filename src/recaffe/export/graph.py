@@ -191,3 +191,15 @@ def build_graph(net) -> ExportGraph:
     if not outputs:
         raise ExportError(f"net {net.name!r} has no outputs to export")
     return ExportGraph(net.name or "Net", inputs, outputs, nodes, output_blobs)
+
+
+def registrar(table: dict):
+    """A decorator factory filling ``table`` (type name -> function): ``@register("ReLU", ...)``.
+    The lowerings and both emitters are such tables, keyed by Caffe type or lowered op."""
+    def register(*types: str):
+        def deco(fn):
+            for t in types:
+                table[t] = fn
+            return fn
+        return deco
+    return register

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..proto import caffe_pb2
-from .graph import ALIAS, LayerView, Lowered, Param
+from .graph import ALIAS, LayerView, Lowered, Param, registrar
 
 LOWERINGS: dict[str, Callable[[LayerView], Lowered]] = {}
 
@@ -27,12 +27,7 @@ FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe's stochastic pooling (TEST) adds it to the sum
 
 
-def lowers(*types: str):
-    def deco(fn):
-        for t in types:
-            LOWERINGS[t] = fn
-        return fn
-    return deco
+lowers = registrar(LOWERINGS)
 
 
 def _weight_and_bias(v: LayerView, bias: bool) -> dict[str, Param]:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from ..io.protofiles import atomic_write
-from .graph import ExportGraph, Node, build_graph
+from .graph import ExportGraph, Node, build_graph, registrar
 from .lowering import FLT_MAX, FLT_MIN
 
 OPSET = 18
@@ -74,12 +74,7 @@ class _Builder:
 EMITTERS = {}
 
 
-def emits(*types: str):
-    def deco(fn):
-        for t in types:
-            EMITTERS[t] = fn
-        return fn
-    return deco
+emits = registrar(EMITTERS)
 
 
 def _x(n: Node) -> str:

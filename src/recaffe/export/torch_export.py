@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..io.protofiles import atomic_write
-from .graph import ExportGraph, Node, build_graph
+from .graph import ExportGraph, Node, build_graph, registrar
 
 _RESERVED = {"self", "torch", "F", "FLT_MAX", "FLT_MIN"}
 
@@ -125,12 +125,7 @@ class _Source:
 EMITTERS = {}
 
 
-def emits(*types: str):
-    def deco(fn):
-        for t in types:
-            EMITTERS[t] = fn
-        return fn
-    return deco
+emits = registrar(EMITTERS)
 
 
 # Each emitter returns the right-hand side of the layer's statement, given the input identifiers.
