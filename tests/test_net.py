@@ -282,3 +282,29 @@ def test_legacy_input_fields_become_an_input_layer():
     net = make_net('input: "data" input_dim: 2 input_dim: 3 input_dim: 4 input_dim: 5\n'
                    'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }', caffe_pb2.TEST)
     assert net.inputs == ["data"] and net.blobs["data"].shape == (2, 3, 4, 5)
+
+
+def test_atomic_writes_keep_the_old_file_on_failure_and_use_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from recaffe.io.hdf5_weights import write_hdf5_atomically
+    from recaffe.io.protofiles import atomic_write
+
+    path = tmp_path / "w.caffemodel"
+    atomic_write(path, b"old")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+    def failing(f):
+        f.create_dataset("x", data=np.zeros(3))
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        write_hdf5_atomically(str(path), failing)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.caffemodel"]  # no temp file left
+    h5 = tmp_path / "w.h5"
+    write_hdf5_atomically(str(h5), lambda f: f.create_dataset("x", data=np.ones(2)))
+    assert stat.S_IMODE(os.stat(h5).st_mode) == 0o666 & ~umask

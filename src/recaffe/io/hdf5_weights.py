@@ -8,11 +8,11 @@ once, under their owner). Solver state (``.solverstate.h5``): datasets ``iter``,
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from ..blob import Blob
+from .protofiles import atomic_target
 
 
 class HDF5FormatError(ValueError):
@@ -37,17 +37,9 @@ def is_hdf5(path: str) -> bool:
 def write_hdf5_atomically(path: str, write) -> None:
     """Create the HDF5 file `path` through write(h5py.File) on a temp file renamed into place."""
     h5py = import_h5py()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _array(blob: Blob, diff: bool = False) -> np.ndarray:

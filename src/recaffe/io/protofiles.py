@@ -7,6 +7,7 @@ corrupt snapshot behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import TypeVar
@@ -73,16 +74,20 @@ def write_binary(path: str | os.PathLike, msg: _message.Message) -> None:
     atomic_write(path, msg.SerializeToString())
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; when the block succeeds the file written there is
+    renamed onto ``path`` (readable as a plainly created file would be), else it is removed.
+    A kill at any moment leaves either the old file or the new one, never a partial file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; snapshots are shared like Caffe's
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -90,3 +95,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    with atomic_target(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
