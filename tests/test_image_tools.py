@@ -334,6 +334,55 @@ def test_resize_is_opencv_linear(size):
     assert np.abs(got - np.round(ref)).max() <= 1
 
 
+def test_resize_truncates_as_opencv_8bit_linear():
+    """Column [1, 5] to 5 rows, worked by hand with OpenCV's 8-bit arithmetic. Rows are
+    clamped, weights b0 = rint((1 - fy) * 2048), b1 = rint(fy * 2048) are kept at the borders,
+    each row sum (pixel * 2048 here) is shifted >> 4, each product >> 16, then (sum + 2) >> 2:
+    row 3 has fy = 0.9, b = (205, 1843): ((205 * 128) >> 16) + ((1843 * 640) >> 16) = 0 + 17,
+    (17 + 2) >> 2 = 4, where rounding 0.1 * 1 + 0.9 * 5 = 4.6 would give 5."""
+    from recaffe.data.image_file import resize_linear
+
+    got = resize_linear(np.array([[[1], [5]]], np.uint8), 5, 1)
+    np.testing.assert_array_equal(got.ravel(), [1, 1, 3, 4, 5])
+
+
+def _opencv_linear_by_loops(img, out_h, out_w):
+    """OpenCV's 8-bit INTER_LINEAR written out pixel by pixel (cv::resize's fixed-point path)."""
+    c, h, w = img.shape
+
+    def taps(src, dst, clamp):
+        out = []
+        for d in range(dst):
+            f = np.float32((d + 0.5) * (1.0 / (dst / src)) - 0.5)
+            s = int(np.floor(f))
+            f = np.float32(f - np.float32(s))
+            if clamp and (s < 0 or s >= src - 1):
+                s, f = min(max(s, 0), src - 1), np.float32(0)
+            out.append((s, int(np.rint((np.float32(1) - f) * np.float32(2048))),
+                        int(np.rint(f * np.float32(2048)))))
+        return out
+
+    xs, ys = taps(w, out_w, True), taps(h, out_h, False)
+    out = np.zeros((c, out_h, out_w), np.uint8)
+    for k in range(c):
+        rows = [[int(img[k, y, s]) * (a0 if s + 1 < w else 2048) + (int(img[k, y, s + 1]) * a1 if s + 1 < w else 0)
+                 for s, a0, a1 in xs] for y in range(h)]
+        for dy, (s, b0, b1) in enumerate(ys):
+            r0, r1 = rows[min(max(s, 0), h - 1)], rows[min(max(s + 1, 0), h - 1)]
+            for dx in range(out_w):
+                out[k, dy, dx] = (((b0 * (r0[dx] >> 4)) >> 16) + ((b1 * (r1[dx] >> 4)) >> 16) + 2) >> 2
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 5, 13), (7, 9, 11, 4), (6, 10, 6, 3), (1, 5, 4, 2)])
+def test_resize_matches_opencv_written_pixel_by_pixel(shape):
+    from recaffe.data.image_file import resize_linear
+
+    h, w, out_h, out_w = shape
+    img = np.random.default_rng(h * w).integers(0, 256, (3, h, w), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_linear(img, out_h, out_w), _opencv_linear_by_loops(img, out_h, out_w))
+
+
 def test_16_bit_png_keeps_the_high_byte(tmp_path):
     from recaffe.data.image_file import read_image
 
@@ -539,3 +588,16 @@ def test_extract_features_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(base + ["ip", str(tmp_path / "h"), "1", "lmdb", "GPU", "0"]) == 1
         assert "CUDA" in capsys.readouterr().err
+
+
+def test_extract_features_refuses_blobs_of_more_than_4_axes(tmp_path):
+    """Caffe's legacy accessors (num/channels/height/width) stop at blobs of more than 4 axes."""
+    from recaffe.data.features import FeatureError, extract_features
+
+    proto = tmp_path / "five.prototxt"
+    proto.write_text('layer { name: "x" type: "Input" top: "x" '
+                     'input_param { shape { dim: 1 dim: 2 dim: 1 dim: 1 dim: 3 } } }')
+    net = caffe.Net(str(proto), caffe.TEST)
+    with pytest.raises(FeatureError, match=r"feature blob x .*five\.prototxt.* 5 axes"):
+        extract_features(net, ["x"], [str(tmp_path / "f")], 1, source=str(proto))
+    assert not (tmp_path / "f").exists()

@@ -369,6 +369,20 @@ def test_window_data_sampling_pools_and_cache(scene):
         np.testing.assert_array_equal(d1, d2)
 
 
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_window_data_16_bit_image_keeps_the_high_byte_with_or_without_cache(tmp_path, cache):
+    """cv::imread and cv::imdecode (cache_images) read a 16-bit PNG in colour as its high byte."""
+    deep = np.random.default_rng(5).integers(0, 65536, (6, 6), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    source = window_file(tmp_path, [("deep.png", (6, 6), [(2, 0.9, 0, 0, 5, 5)])])
+    extra = f'root_folder: "{tmp_path}/" fg_fraction: 1 cache_images: {cache}'
+    layer, _, top = window_data(source, 1, extra=extra, transform="crop_size: 6")
+    (data, labels), = batches(layer, top, 1)
+    want = (deep >> 8).astype(np.float32)
+    np.testing.assert_array_equal(data[0], np.stack([want] * 3))
+    np.testing.assert_array_equal(labels, [2])
+
+
 def test_window_data_errors(tmp_path, scene):
     folder, source, _ = scene
     root = f'root_folder: "{folder}/"'

@@ -40,6 +40,11 @@ def extract_features(net, blob_names: Sequence[str], db_paths: Sequence[str | os
         if not net.has_blob(name):
             raise FeatureError(f"Unknown feature blob name {name} in the network {source} "
                                f"(blobs: {', '.join(net.blobs)})")
+        axes = net.blob_by_name(name).num_axes
+        if axes > 4:
+            # Caffe's legacy num/channels/height/width accessors stop here (CHECK_LE 4 axes).
+            raise FeatureError(f"feature blob {name} of the network {source} has {axes} axes; a Datum "
+                               f"holds at most 4 (num, channels, height, width)")
     dbs, txns = [], []
     try:
         for path in db_paths:

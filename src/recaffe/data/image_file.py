@@ -10,10 +10,10 @@ the pixels channel by channel (C, H, W) in OpenCV's channel order, BGR. Here:
   weights (0.299 R + 0.587 G + 0.114 B in 14-bit fixed point). OpenCV's PNG reader converts
   with libpng's own rounding, which can differ by one grey level;
 - 16-bit images are reduced to 8 bits (the high byte), as ``imread`` does;
-- resizing follows OpenCV's ``INTER_LINEAR``: pixel centres are aligned
-  (``src = (dst + 0.5) * scale - 0.5``), borders are replicated, and the weights are 11-bit
-  fixed point; results match OpenCV's reference (non-SIMD) path and can differ by one level
-  from some optimized OpenCV builds;
+- resizing follows OpenCV's 8-bit ``INTER_LINEAR`` arithmetic (``resize_linear``): pixel
+  centres are aligned (``src = (dst + 0.5) * scale - 0.5``), borders are replicated, weights
+  are 11-bit fixed point and the vertical pass truncates as OpenCV's does (IPP or GPU builds
+  of OpenCV may differ by one level);
 - EXIF orientation is not applied (the Data layer's decoder does not apply it either).
 """
 from __future__ import annotations
@@ -39,23 +39,33 @@ def read_image(path: str | os.PathLike, is_color: bool = True, height: int = 0, 
     When both ``height`` and ``width`` are positive the image is resized to them (only one of
     them given means no resizing, as in Caffe).
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageReadError(f"Could not open or find file {path}")
-    try:
-        with Image.open(path) as img:
-            if not is_color and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
-                img.draft("L", None)  # libjpeg's grey output: the Y channel, as OpenCV reads it
-            img.load()
-            arr = _to_opencv_channels(img, is_color)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"Could not open or find file {path}: cannot decode it as an image ({e})") \
-            from None
+    arr = _decode(path, is_color, path)
     if height > 0 and width > 0:
         arr = resize_linear(arr, height, width)
     return arr
+
+
+def decode_image_file(data: bytes, is_color: bool = True, name: str = "the image") -> np.ndarray:
+    """The bytes of an image file decoded as :func:`read_image` reads a file (``cv::imdecode``
+    with ``IMREAD_COLOR`` or ``IMREAD_GRAYSCALE``); ``name`` is used in error messages."""
+    return _decode(io.BytesIO(data), is_color, name)
+
+
+def _decode(source, is_color: bool, name: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as img:
+            if not is_color and img.format == "JPEG" and img.mode in ("RGB", "YCbCr"):
+                img.draft("L", None)  # libjpeg's grey output: the Y channel, as OpenCV reads it
+            img.load()
+            return _to_opencv_channels(img, is_color)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"Could not open or find file {name}: cannot decode it as an image ({e})") \
+            from None
 
 
 def _to_opencv_channels(img, is_color: bool) -> np.ndarray:
@@ -78,33 +88,44 @@ def bgr_to_gray(bgr: np.ndarray) -> np.ndarray:
     return grey.astype(np.uint8)[None]
 
 
-def _linear_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For each output position: the two source indices and their fixed-point weights."""
+def _linear_taps(src: int, dst: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each output position: the two source indices and their fixed-point weights, as
+    OpenCV's ``resize`` computes them: ``src = (dst + 0.5) * scale - 0.5`` in double, cast to
+    float; each weight rounded on its own (``1 - f`` and ``f`` times 2048, so they may not sum to
+    2048). Horizontally (``clamp``) a position outside the image takes the border pixel with
+    weights (2048, 0); vertically the weights are kept and the rows are clamped instead."""
     scale = 1.0 / (dst / src)
     f = ((np.arange(dst) + 0.5) * scale - 0.5).astype(np.float32)
     i0 = np.floor(f).astype(np.int64)
-    frac = f - i0
-    low = i0 < 0
-    frac[low], i0[low] = 0, 0
-    high = i0 >= src - 1
-    frac[high], i0[high] = 0, src - 1
-    i1 = np.minimum(i0 + 1, src - 1)
-    w0 = np.rint((np.float32(1) - frac) * _COEF_SCALE).astype(np.int64)
-    return i0, i1, w0, _COEF_SCALE - w0
+    frac = f - i0.astype(np.float32)  # exact in float32
+    if clamp:
+        low = i0 < 0
+        frac[low], i0[low] = 0, 0
+        high = i0 >= src - 1
+        frac[high], i0[high] = 0, src - 1
+    w0 = np.rint((np.float32(1) - frac) * np.float32(_COEF_SCALE)).astype(np.int64)
+    w1 = np.rint(frac * np.float32(_COEF_SCALE)).astype(np.int64)
+    return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, w1
 
 
 def resize_linear(chw: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (C, H, W) -> (C, height, width) with OpenCV's ``INTER_LINEAR`` arithmetic."""
-    c, h, w = chw.shape
+    """uint8 (C, H, W) -> (C, height, width) with OpenCV's 8-bit ``INTER_LINEAR`` arithmetic.
+
+    Rows are interpolated first in exact integers (weights of 11 bits); the vertical pass then
+    uses OpenCV's own shortcut for 8-bit images, ``((b0 * (r0 >> 4)) >> 16) + ((b1 * (r1 >> 4))
+    >> 16) + 2) >> 2``, which its SIMD and plain code paths share (it can differ by one level
+    from a rounded exact product).
+    """
+    _, h, w = chw.shape
     if (h, w) == (height, width):
         return chw
-    x0, x1, wx0, wx1 = _linear_taps(w, width)
-    y0, y1, wy0, wy1 = _linear_taps(h, height)
+    x0, x1, wx0, wx1 = _linear_taps(w, width, clamp=True)
+    y0, y1, wy0, wy1 = _linear_taps(h, height, clamp=False)
     src = chw.astype(np.int64)
-    rows = src[:, :, x0] * wx0 + src[:, :, x1] * wx1                        # (C, H, width)
-    out = rows[:, y0, :] * wy0[:, None] + rows[:, y1, :] * wy1[:, None]      # (C, height, width)
-    shift = 2 * _COEF_BITS
-    return np.clip((out + (1 << (shift - 1))) >> shift, 0, 255).astype(np.uint8)
+    rows = (src[:, :, x0] * wx0 + src[:, :, x1] * wx1) >> 4                  # (C, H, width)
+    top = (rows[:, y0, :] * wy0[:, None]) >> 16
+    bottom = (rows[:, y1, :] * wy1[:, None]) >> 16
+    return ((top + bottom + 2) >> 2).astype(np.uint8)
 
 
 def pillow_format(encoding: str) -> str:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..data.image_file import ImageReadError, read_image, resize_linear
+from ..data.image_file import ImageReadError, decode_image_file, read_image, resize_linear
 from ..data.prefetch import Prefetcher
-from ..data.transformer import DataTransformer, TransformError, decode_image
+from ..data.transformer import DataTransformer, TransformError
 from ..layer import Layer, register
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -380,9 +380,9 @@ class _WindowSampler:
         path, _, line = self.images[index]
         try:
             if self.cache is not None:
-                return decode_image(self.cache[index], force_color=True)
+                return decode_image_file(self.cache[index], is_color=True, name=path)
             return read_image(path, is_color=True)
-        except (ImageReadError, TransformError) as e:
+        except ImageReadError as e:
             raise DataFileError(f"{self.source}:{line}: {e}") from None
 
     def warp(self, window, do_mirror: bool) -> tuple[np.ndarray, int, int]:
