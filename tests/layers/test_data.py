@@ -563,3 +563,22 @@ def test_data_layer_corrupt_database_names_the_database(tmp_path, backend, junk_
     with pytest.raises(LayerError, match=f"'mnist': cannot open {'LMDB' if backend == 'LMDB' else 'LevelDB'} "
                                          f"'{src}'.*{words}"):
         data_layer(src, 1, backend=backend)
+
+
+@pytest.mark.parametrize("flag", ["force_color", "force_gray"])
+def test_encoded_16_bit_datum_keeps_the_high_byte_when_forced(flag):
+    """cv::imdecode with IMREAD_COLOR/GRAYSCALE reduces 16-bit pixels to their high byte (300 -> 1),
+    as convert_imageset and ImageData read files; Pillow's own conversion would clip to 255."""
+
+    from PIL import Image
+
+    from recaffe.data.transformer import decode_image
+
+    pixels = np.array([[300, 65535], [256, 7]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), **{flag: True})
+    want = (pixels >> 8).astype(np.uint8)
+    assert out.shape == ((3, 2, 2) if flag == "force_color" else (1, 2, 2))
+    for channel in out:
+        np.testing.assert_array_equal(channel, want)

@@ -42,18 +42,27 @@ def _np_dtype(dtype) -> np.dtype:
 
 
 def decode_image(data: bytes, force_color: bool = False, force_gray: bool = False) -> np.ndarray:
-    """An encoded image file -> uint8 (C, H, W) in OpenCV's channel order (BGR, BGRA or gray)."""
+    """An encoded image file -> uint8 (C, H, W) in OpenCV's channel order (BGR, BGRA or gray).
+
+    ``force_color``/``force_gray`` decode as ``cv::imdecode`` with IMREAD_COLOR/IMREAD_GRAYSCALE
+    (the reader convert_imageset and ImageData use); otherwise the file's own channels are kept,
+    as Caffe's DecodeDatumToCVMatNative does.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if force_color or force_gray:
+        from .image_file import ImageReadError, decode_image_file
+        try:
+            return decode_image_file(data, is_color=force_color, name=f"the encoded datum ({len(data)} bytes)")
+        except ImageReadError as e:
+            raise TransformError(str(e)) from None
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise TransformError(f"cannot decode the encoded datum ({len(data)} bytes) as an image: {e}") \
             from None
-    if force_color:
-        img = img.convert("RGB")
-    elif force_gray or img.mode == "1":
+    if img.mode == "1":
         img = img.convert("L")
     elif img.mode in ("P", "PA"):
         img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
