@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import capture_log
 from recaffe.blob import Blob
 from recaffe.data import db as dbmod
 from recaffe.data.db import NEW, READ, DBError, open_db
@@ -397,15 +398,19 @@ def test_data_layer_train_mirror_reproducible_from_seed(tmp_path):
     assert not np.array_equal(runs[0], runs[2])
 
 
-def test_data_layer_legacy_data_param_transform_fields(tmp_path):
+def test_data_layer_ignores_deprecated_data_param_transform_fields(tmp_path):
+    """Caffe's DataLayer reads only transform_param; data_param.scale is moved there only when a V1
+    net is upgraded (tests/test_upgrade.py), so here it is ignored, with a warning."""
     x = images(2)
     src = write_db(tmp_path / "db", x, range(2))
-    layer, bottom, top = data_layer(src, 2, extra="scale: 0.5")
+    with capture_log() as lines:
+        layer, bottom, top = data_layer(src, 2, extra="scale: 0.5")
     try:
         layer.run_forward(bottom, top)
     finally:
         layer.close()
-    np.testing.assert_array_equal(top[0].data, x * 0.5)
+    np.testing.assert_array_equal(top[0].data, x)
+    assert any("data_param.scale is deprecated and ignored" in ln for ln in lines)
 
 
 def test_data_layer_synchronous_when_prefetch_zero(tmp_path):

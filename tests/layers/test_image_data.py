@@ -159,11 +159,15 @@ def test_image_data_crop_mirror_and_mean_file(four_pngs):
     assert seen_flip == {0, 1}
 
 
-def test_image_data_deprecated_fields_are_used(four_pngs):
+def test_image_data_deprecated_fields_are_ignored_with_a_warning(four_pngs):
+    """Caffe's ImageDataLayer reads only transform_param (the old fields move there only when a V1
+    net is upgraded)."""
     folder, source, arrays = four_pngs
-    layer, _, top = image_data(source, 1, extra="scale: 0.25 crop_size: 3", root=f"{folder}/")
+    with capture_log() as lines:
+        layer, _, top = image_data(source, 1, extra="scale: 0.25 crop_size: 3", root=f"{folder}/")
     (d, _), = batches(layer, top, 1)
-    np.testing.assert_array_equal(d[0], bgr_chw(arrays[0])[:, 1:4, 2:5] * np.float32(0.25))
+    np.testing.assert_array_equal(d[0], bgr_chw(arrays[0]))
+    assert any("image_data_param.scale/crop_size are deprecated and ignored" in ln for ln in lines)
 
 
 def label_epochs(tmp_path, seed, n=6, epochs=2, extra="shuffle: true"):

@@ -81,6 +81,20 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     return np.ascontiguousarray(arr[order])
 
 
+DEPRECATED_TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
+
+
+def warn_deprecated_transform_fields(layer_name: str, param_name: str, old) -> None:
+    """Caffe's data layers read only ``transform_param``: the deprecated ``scale``/``mean_file``/
+    ``crop_size``/``mirror`` of ``data_param``/``image_data_param`` are moved there when a V1 net is
+    upgraded (io/upgrade.py) and are otherwise ignored. Ignoring them silently would surprise."""
+    fields = [f for f in DEPRECATED_TRANSFORM_FIELDS if old.HasField(f)]
+    if fields:
+        log.warning("Layer %s: %s.%s %s deprecated and ignored, as in Caffe; put %s in transform_param",
+                    layer_name, param_name, "/".join(fields), "is" if len(fields) == 1 else "are",
+                    "it" if len(fields) == 1 else "them")
+
+
 class DataTransformer:
     """Applies a ``TransformationParameter`` to Datums or (C, H, W) arrays.
 

@@ -13,7 +13,7 @@ from .. import rng
 from ..blob import Blob
 from ..data.db import READ, DBError, get_db
 from ..data.prefetch import Prefetcher
-from ..data.transformer import DataTransformer, TransformError
+from ..data.transformer import DataTransformer, TransformError, warn_deprecated_transform_fields
 from ..fillers import fill
 from ..layer import Layer, register
 from ..log import get_logger
@@ -199,13 +199,11 @@ class DataLayer(Layer):
             raise self.error(str(e)) from None
 
     def _transform_param(self) -> caffe_pb2.TransformationParameter:
-        """transform_param, with the deprecated data_param fields moved in as Caffe's upgrade does."""
+        """transform_param (data_param's deprecated transform fields are ignored, as in Caffe)."""
         tp = caffe_pb2.TransformationParameter()
         tp.CopyFrom(self.layer_param.transform_param)
         dp = self.layer_param.data_param
-        for field in ("scale", "mean_file", "crop_size", "mirror"):
-            if dp.HasField(field):
-                setattr(tp, field, getattr(dp, field))
+        warn_deprecated_transform_fields(self.name, "data_param", dp)
         if dp.force_encoded_color and not tp.force_gray:
             tp.force_color = True
         return tp

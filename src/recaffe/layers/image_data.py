@@ -21,7 +21,7 @@ import torch
 from .. import rng
 from ..data.image_file import ImageReadError, decode_image_file, read_image, resize_linear
 from ..data.prefetch import Prefetcher
-from ..data.transformer import DataTransformer, TransformError
+from ..data.transformer import DataTransformer, TransformError, warn_deprecated_transform_fields
 from ..layer import Layer, register
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -40,8 +40,8 @@ def _generator(layer: Layer, stream: int) -> np.random.Generator:
 
 
 def _merged_transform_param(layer_param, old) -> caffe_pb2.TransformationParameter:
-    """transform_param, with the deprecated ``scale/mean_file/crop_size/mirror`` fields of the
-    layer's own parameter (``old``) moved in when set, as Caffe's upgrade does (and the Data layer)."""
+    """WindowData's transform: transform_param, with window_data_param's own ``scale/mean_file/
+    crop_size/mirror`` moved in when set (Caffe's WindowDataLayer reads those)."""
     tp = caffe_pb2.TransformationParameter()
     tp.CopyFrom(layer_param.transform_param)
     for field in ("scale", "mean_file", "crop_size", "mirror"):
@@ -213,7 +213,8 @@ class ImageDataLayer(_PrefetchingLayer):
             raise self.error(str(e)) from None
         np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
         try:
-            transformer = DataTransformer(_merged_transform_param(self.layer_param, p), self.phase,
+            warn_deprecated_transform_fields(self.name, "image_data_param", p)
+            transformer = DataTransformer(self.layer_param.transform_param, self.phase,
                                           _generator(self, 0), self.dtype)
         except TransformError as e:
             raise self.error(str(e)) from None
