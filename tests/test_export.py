@@ -137,7 +137,12 @@ CASES = {
     # pooling: Caffe's CEIL windows, divisors, padding
     "pool_max_ceil_partial": Case(_pool("pool: MAX kernel_size: 3 stride: 2")),
     "pool_max_pad": Case(_pool("pool: MAX kernel_size: 3 stride: 2 pad: 1")),
-    "pool_max_empty_window": Case(_pool("pool: MAX kernel_size: 2 stride: 3"), ((2, 3, 7, 8),)),
+    # CEIL without pad, stride > kernel: the last window starts past the bottom (9 >= 9)
+    "pool_max_empty_window": Case(_pool("pool: MAX kernel_size: 2 stride: 3"), ((2, 3, 7, 9),)),
+    # AVE over empty windows: Caffe divides a zero sum by a divisor of -1 (H: 8 >= 7) or 0 (W: 6 == 6);
+    # onnxruntime folds a zero Pad into AveragePool and refuses pads >= kernel
+    "pool_ave_empty_windows": Case(_pool("pool: AVE kernel_size: 2 stride: 4")
+                                   + _pool("pool: AVE kernel_size: 1 stride: 2", top=("z",)), ((2, 3, 7, 6),)),
     "pool_ave_ceil_partial": Case(_pool("pool: AVE kernel_size: 3 stride: 2")),
     "pool_ave_pad": Case(_pool("pool: AVE kernel_size: 3 stride: 2 pad: 1")),
     "pool_ave_big_pad": Case(_pool("pool: AVE kernel_size: 4 stride: 3 pad: 3"), ((2, 3, 9, 8),)),
@@ -163,6 +168,9 @@ CASES = {
     "exp": Case(L("Exp", "exp_param { base: 2 scale: 0.5 shift: 1 }") + L("Exp", top=("z",))),
     "log": Case(L("Log", "log_param { base: 10 scale: 2 shift: 0.5 }") + L("Log", top=("z",)), feed=(_pos,)),
     "clip": Case(L("Clip", "clip_param { min: -0.5 max: 0.7 }")),
+    # infinite constants: the torch module must spell them float('inf') (Python has no inf literal)
+    "infinite_constants": Case(L("Clip", "clip_param { min: -inf max: 0.7 }")
+                               + L("Power", "power_param { power: 2 scale: 0 shift: 1e30 }", top=("z",))),
     "swish": Case(L("Swish", "swish_param { beta: 1.5 }")),
     "threshold": Case(L("Threshold", "threshold_param { threshold: 0.2 }")),
     # normalization
@@ -263,7 +271,7 @@ FAMILIES = {
                     "deconv_dilation_hw", "ip", "ip_axis2_transpose", "ip_2d_no_bias", "embed"],
     "pooling": [c for c in CASES if c.startswith("pool_")],
     "neurons": ["relu", "relu_leaky", "prelu", "prelu_shared", "sigmoid_tanh_abs", "elu", "bnll_large_inputs",
-                "power", "power_constant", "exp", "log", "clip", "swish", "threshold"],
+                "power", "power_constant", "exp", "log", "clip", "infinite_constants", "swish", "threshold"],
     "normalization": ["lrn_across", "lrn_within", "scale_param_bias", "scale_two_bottoms",
                       "scale_scalar_axis2", "bias", "mvn", "softmax"],
     "routing": ["eltwise_sum_coeffs", "eltwise_prod_max", "concat", "slice", "flatten", "reshape", "crop",
@@ -468,3 +476,16 @@ def test_zoo_nets_export_exactly(name, tmp_path):
     types = {layer.type for layer in net.layers}
     assert {"Convolution", "Pooling", "InnerProduct", "Softmax"} <= types
     check_exports(net, tmp_path, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_without_the_onnx_package_says_which_extra_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    model = write(tmp_path, "deploy.prototxt", DEPLOY)
+    Net(model, caffe_pb2.TEST).save(tmp_path / "w")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    argv = ["export", "-model", model, "-weights", str(tmp_path / "w"), "-out", str(tmp_path / "o.onnx")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "needs the 'onnx' package" in err and "recaffe[export]" in err
+    assert not (tmp_path / "o.onnx").exists()

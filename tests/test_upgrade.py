@@ -335,6 +335,16 @@ def test_input_shape_becomes_input_layer_first():
                          'layer { name: "r" type: "ReLU" bottom: "a" top: "r" }')
 
 
+def test_one_input_shape_for_two_inputs_is_refused():
+    # Caffe reads input_shape(i) for every input (older Caffe: "Exactly one input_shape must be
+    # specified per input"); one shape is not shared by every input.
+    param = net_param('input: "a" input: "b" input_shape { dim: 1 dim: 2 } '
+                      'layer { name: "r" type: "ReLU" bottom: "a" top: "r" }')
+    with pytest.raises(UpgradeError, match=r"^two.prototxt: input_shape must be given exactly once per input "
+                                           r"\(2 inputs, 1 input_shape\)"):
+        upgrade_net(param, "two.prototxt")
+
+
 def test_old_batch_norm_param_specs_get_zero_rates_and_the_net_builds():
     text = """input: "x" input_shape { dim: 2 dim: 3 }
       layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y"

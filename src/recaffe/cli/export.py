@@ -62,6 +62,9 @@ def _export(values: dict) -> list[str]:
         return list(export_torch(net, values["out"]))
     except ValueError as e:  # ExportError, LayerError, WeightsError, ProtoFileError: all name the cause
         raise FlagError(str(e)) from None
+    except ImportError as e:  # the onnx package is an optional extra
+        raise FlagError(f"--format {fmt} needs the {e.name or 'onnx'!r} package: "
+                        "pip install 'recaffe[export]'") from None
 
 
 def main(argv: list[str] | None = None) -> int:

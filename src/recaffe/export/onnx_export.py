@@ -190,24 +190,45 @@ def _pad_explicit(b, n, x, pads, value):
     return x
 
 
+def _average_pool_with_empty_windows(b, n, geo):
+    """AveragePool over the zero-padded bottom. Windows lying wholly in the bottom/right padding
+    (CEIL without pad, stride > kernel) hold only zeros: the bottom is padded just enough for the
+    others (at most kernel - 1) and zeros are appended to the pooled output for them. onnxruntime
+    folds a zero Pad into the pool's pads and refuses pads >= kernel: the model would not load."""
+    a = n.attrs
+    (kh, kw), (sh, sw) = a["kernel"], a["stride"]
+    ph, pw, rh, rw = a["pads"]
+    h, w = n.input_shapes[0][2:]
+    oh, ow = n.output_shapes[0][2:]
+    rh, rw = min(rh, kh - 1), min(rw, kw - 1)
+    empty = (oh - ((ph + h + rh - kh) // sh + 1), ow - ((pw + w + rw - kw) // sw + 1))
+    x = _pad_explicit(b, n, _x(n), [ph, pw, rh, rw], 0.0)
+    mean = b.op(n, "AveragePool", [x], **geo)
+    if any(empty):
+        zeros = [0, 0, 0, 0, 0, 0, empty[0], empty[1]]
+        mean = b.op(n, "Pad", [mean, b.ints(zeros, f"{n.layer}_empty_windows"),
+                               b.scalar(0.0, f"{n.layer}_padvalue")])
+    return mean
+
+
 @emits("Pooling")
 def _pooling(b, n):
     a = n.attrs
     geo = dict(kernel_shape=a["kernel"], strides=a["stride"])
     method = a["method"]
+    kk = a["kernel"][0] * a["kernel"][1]
+    if method == "ave" and "divisor" in n.params:
+        mean = _average_pool_with_empty_windows(b, n, geo)
+        with np.errstate(divide="ignore"):  # a divisor of 0 (empty window): 0 * inf = NaN, Caffe's 0 / 0
+            factor = kk / n.params["divisor"].array.astype(np.float64)
+        b.op(n, "Mul", [mean, b.const(factor, f"{n.layer}_divisor_factor")], _y(n))
+        return
     x = _pad_explicit(b, n, _x(n), a["pads"], -FLT_MAX if method == "max" else 0.0)
     if method == "max":
         b.op(n, "MaxPool", [x], _y(n), **geo)
     elif method == "ave":
-        if "divisor" not in n.params:
-            b.op(n, "AveragePool", [x], _y(n), **geo)  # every window divides by kh * kw
-            return
-        mean = b.op(n, "AveragePool", [x], **geo)
-        kk = a["kernel"][0] * a["kernel"][1]
-        factor = kk / n.params["divisor"].array.astype(np.float64)
-        b.op(n, "Mul", [mean, b.const(factor, f"{n.layer}_divisor_factor")], _y(n))
+        b.op(n, "AveragePool", [x], _y(n), **geo)  # every window divides by kh * kw
     else:
-        kk = a["kernel"][0] * a["kernel"][1]
         sq = b.op(n, "Mul", [x, x])
         num = b.op(n, "AveragePool", [sq], **geo)
         den = b.op(n, "Add", [b.op(n, "AveragePool", [x], **geo), b.scalar(FLT_MIN / kk, f"{n.layer}_eps")])
@@ -265,7 +286,8 @@ def _power(b, n):
     a = n.attrs
     if a["power"] * a["scale"] == 0:
         # Caffe ignores the input: 1 for power 0, else shift^power (in float32)
-        value = 1.0 if a["power"] == 0 else float(np.float32(a["shift"]) ** np.float32(a["power"]))
+        with np.errstate(over="ignore"):  # float32 overflow gives inf, as the layer computes
+            value = 1.0 if a["power"] == 0 else float(np.float32(a["shift"]) ** np.float32(a["power"]))
         shape = b.op(n, "Shape", [_x(n)])
         b.op(n, "ConstantOfShape", [shape], _y(n),
              value=b.numpy_helper.from_array(np.array([value], dtype=np.float32)))

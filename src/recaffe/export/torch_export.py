@@ -65,7 +65,9 @@ def _caffe_argmax(x, axis, top_k, out_max_val, top_shape):
 def _num(x: float) -> str:
     """A float32 constant in its shortest exact spelling (torch computes scalars in float32)."""
     s = str(np.float32(x))
-    return s if ("." in s or "e" in s or "inf" in s or "nan" in s) else s + ".0"
+    if "inf" in s or "nan" in s:
+        return f"float({s!r})"  # Python has no inf / nan literal
+    return s if ("." in s or "e" in s) else s + ".0"
 
 
 def _tup(values) -> str:
@@ -271,7 +273,8 @@ def _elu(s, n, xs):
 def _power(s, n, xs):
     a, y = n.attrs, xs[0]
     if a["power"] * a["scale"] == 0:  # Caffe ignores the input
-        value = 1.0 if a["power"] == 0 else float(np.float32(a["shift"]) ** np.float32(a["power"]))
+        with np.errstate(over="ignore"):  # float32 overflow gives inf, as the layer computes
+            value = 1.0 if a["power"] == 0 else float(np.float32(a["shift"]) ** np.float32(a["power"]))
         return f"torch.full_like({y}, {_num(value)})"
     if a["scale"] != 1:
         y = f"{y} * {_num(a['scale'])}"

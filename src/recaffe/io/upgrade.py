@@ -382,15 +382,17 @@ def upgrade_net_input(param: caffe_pb2.NetParameter, source: str = "<net>") -> N
     if has_dim and len(param.input_dim) != 4 * len(param.input):
         raise UpgradeError(f"{source}: input_dim must give 4 values per input ({len(param.input)} inputs, "
                            f"{len(param.input_dim)} values)")
-    if has_shape and len(param.input_shape) not in (1, len(param.input)):
-        raise UpgradeError(f"{source}: input_shape must be given once per input")
+    if has_shape and len(param.input_shape) != len(param.input):
+        # Caffe reads input_shape(i) for every input i (older Caffe checked: exactly one per input)
+        raise UpgradeError(f"{source}: input_shape must be given exactly once per input ({len(param.input)} "
+                           f"inputs, {len(param.input_shape)} input_shape)")
     if has_shape or has_dim:
         layer = caffe_pb2.LayerParameter(name="input", type="Input")
         for i, name in enumerate(param.input):
             layer.top.append(name)
             shape = layer.input_param.shape.add()
             if has_shape:
-                shape.CopyFrom(param.input_shape[i if len(param.input_shape) > 1 else 0])
+                shape.CopyFrom(param.input_shape[i])
             else:
                 shape.dim.extend(param.input_dim[4 * i:4 * i + 4])
         layers = [layer] + list(param.layer)
