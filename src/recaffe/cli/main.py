@@ -56,16 +56,20 @@ def _flags() -> FlagSet:
     return f
 
 
+def _gpu_ids(gpu: str) -> list[int]:
+    ids = list(range(_torch_device_count())) if gpu == "all" else [int(x) for x in gpu.split(",") if x]
+    if not ids:
+        raise _device.DeviceError("-gpu all: no CUDA device is available")
+    return ids
+
+
 def _set_mode(gpu: str) -> None:
+    """CPU, or the first of the -gpu ids (test and time use one GPU, as Caffe)."""
     if not gpu:
         log.info("Use CPU.")
         _device.set_mode_cpu()
         return
-    ids = list(range(_torch_device_count())) if gpu == "all" else [int(x) for x in gpu.split(",") if x]
-    if not ids:
-        raise _device.DeviceError("-gpu all: no CUDA device is available")
-    if len(ids) > 1:
-        log.warning("Multi-GPU training is not available yet; using GPU %d only", ids[0])
+    ids = _gpu_ids(gpu)
     log.info("Use GPU with device ID %d", ids[0])
     _device.set_device(ids[0])
     _device.set_mode_gpu()
@@ -124,6 +128,15 @@ def train(flags: dict) -> int:
     if not gpu and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
             and _torch_device_count() > 0:
         gpu = str(param.device_id)
+    ids = _gpu_ids(gpu) if gpu else []
+    if len(ids) > 1:
+        # One solver per GPU, gradients averaged (Caffe's NCCL training): recaffe.parallel.
+        from ..parallel import train_data_parallel
+        log.info("Using GPUs %s", ", ".join(map(str, ids)))
+        train_data_parallel(param, ids, weights=flags["weights"] or None,
+                            snapshot=flags["snapshot"] or None, source=flags["solver"])
+        log.info("Optimization Done.")
+        return 0
     _set_mode(gpu)
     with SignalHandler(flags["sigint_effect"], flags["sighup_effect"]) as handler:
         solver = create_solver(param, source=flags["solver"])

@@ -17,6 +17,7 @@ from ..data.transformer import DataTransformer, TransformError, warn_deprecated_
 from ..fillers import fill
 from ..layer import Layer, register
 from ..log import get_logger
+from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
 
 log = get_logger(__name__)
@@ -123,7 +124,7 @@ class _BatchReader:
     """Reads and transforms batches; runs in the prefetch thread and never references the layer."""
 
     def __init__(self, db, cursor, transformer: DataTransformer, batch_size: int, output_labels: bool,
-                 dtype: torch.dtype, pin: bool, where: str):
+                 dtype: torch.dtype, pin: bool, where: str, rank: int = 0, world: int = 1):
         self.db = db
         self.cursor = cursor
         self.transformer = transformer
@@ -133,9 +134,15 @@ class _BatchReader:
         self.np_dtype = transformer.dtype
         self.pin = pin
         self.where = where
+        # Data parallelism (Caffe's DataLayer::Skip): solver `rank` of `world` keeps only the
+        # records at stream positions rank, rank + world, ... (the stream wraps around the db).
+        self.rank = rank
+        self.world = world
+        self.offset = 0
 
     def advance(self) -> None:
         """Caffe's DataLayer::Next: step the cursor, wrapping around at the end."""
+        self.offset += 1
         self.cursor.next()
         if not self.cursor.valid():
             log.info("Restarting data prefetching from start.")
@@ -152,6 +159,8 @@ class _BatchReader:
     def load_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         datums = []
         for _ in range(self.batch_size):
+            while self.offset % self.world != self.rank:
+                self.advance()
             datums.append(self.read_datum())
             self.advance()
         data = torch.from_numpy(self.transformer.transform_datums(datums))
@@ -177,7 +186,8 @@ class DataLayer(Layer):
     Tops: data (batch_size, C, H, W) and optionally label (batch_size,) as floats. The database
     is read in key order and wraps around at its end. A background thread keeps
     ``data_param.prefetch`` batches ready (0 loads each batch in ``forward``); it stops when
-    the layer is garbage-collected, at exit, or on :meth:`close`.
+    the layer is garbage-collected, at exit, or on :meth:`close`. In data-parallel training
+    (recaffe.parallel) a TRAIN layer of solver r of N reads records r, r+N, r+2N... as Caffe.
     """
 
     exact_num_bottom_blobs = 0
@@ -232,8 +242,11 @@ class DataLayer(Layer):
                 cursor.next()
                 if not cursor.valid():
                     cursor.seek_to_first()
+        # In multi-solver training each TRAIN solver reads its own share of the records; only
+        # the root solver tests, so TEST nets read everything (as Caffe).
+        rank, world = (0, 1) if self.phase == caffe_pb2.TEST else solver_rank_and_count()
         reader = _BatchReader(self._db, cursor, transformer, batch_size, len(top) > 1, self.dtype,
-                              pin=self.device.type == "cuda", where=where)
+                              pin=self.device.type == "cuda", where=where, rank=rank, world=world)
         try:
             shape = transformer.infer_blob_shape(reader.read_datum())
         except (TransformError, DBError) as e:

@@ -1,0 +1,211 @@
+"""Data-parallel training: one solver per device, as Caffe's multi-GPU training (NCCL/P2PSync).
+
+What Caffe does (parallel.cpp, solver.cpp, data_layer.cpp, tools/caffe.cpp) and we repeat:
+
+- every solver builds the same net; the root's weights (after ``-weights`` or a restored
+  ``-snapshot``, which every solver restores) are broadcast to the others before training;
+- each solver seeds its generators with ``random_seed + rank``;
+- each solver runs its own ``iter_size`` forward/backward passes on its own data; then the
+  diffs of all learnable params are summed across solvers and multiplied by 1/N (on
+  ``on_gradients_ready``, before ``apply_update``, which still divides by ``iter_size``), so N
+  solvers with ``iter_size: k`` equal one solver with ``iter_size: N*k`` on the same batches;
+- a Data layer of solver r of N reads the records at positions r, r+N, r+2N... (per record, as
+  Caffe 1.0's DataLayer::Skip); TEST nets read everything;
+- only the root solver tests, displays, snapshots and logs; the others only ``step``.
+
+Choices: the process group is initialized from a file in a temporary folder (no TCP port), with
+"nccl" for CUDA devices and "gloo" for CPU; an error in any rank stops all ranks and is raised
+in the launching process (Caffe would hang or abort).
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import tempfile
+import time
+import traceback
+
+import torch
+
+from .log import get_logger, set_log_level
+
+log = get_logger(__name__)
+
+_solver_rank = 0
+_solver_count = 1
+
+
+class DataParallelError(RuntimeError):
+    pass
+
+
+def solver_rank_and_count() -> tuple[int, int]:
+    """(rank, count) of this process's solver (Caffe::solver_rank / solver_count); (0, 1) alone."""
+    return _solver_rank, _solver_count
+
+
+def set_solver_rank(rank: int, count: int) -> None:
+    """Set before building the solver: Data layers take their share of records from it."""
+    global _solver_rank, _solver_count
+    if not 0 <= rank < count:
+        raise ValueError(f"solver rank {rank} is outside 0..{count - 1}")
+    _solver_rank, _solver_count = int(rank), int(count)
+
+
+def make_data_parallel(solver, rank: int | None = None, world: int | None = None) -> None:
+    """Wire ``solver`` (already built) into the initialized torch.distributed group: broadcast
+    rank 0's params, all-reduce and average the diffs before each update, and silence tests,
+    display and snapshots on the non-root ranks (their ``step`` then only trains)."""
+    import torch.distributed as dist
+    rank = dist.get_rank() if rank is None else rank
+    world = dist.get_world_size() if world is None else world
+    params = solver.net.learnable_params
+    for blob in params:
+        dist.broadcast(blob.data_t, src=0)
+    scale = 1.0 / world
+
+    def average_diffs():
+        diffs = [b.diff_t for b in params]
+        flat = torch.cat([d.reshape(-1) for d in diffs])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.mul_(scale)
+        offset = 0
+        for d in diffs:
+            d.copy_(flat[offset:offset + d.numel()].view_as(d))
+            offset += d.numel()
+
+    solver.add_callback(None, average_diffs)
+    if rank != 0:
+        # Caffe's non-root solvers never test, display or snapshot (Caffe::root_solver()).
+        p = solver.param
+        p.test_interval = 0
+        p.display = 0
+        p.snapshot = 0
+        p.snapshot_after_train = False
+
+
+def _device_of(d) -> torch.device:
+    if isinstance(d, int):
+        return torch.device("cuda", d)
+    dev = torch.device(d)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", 0)
+    return dev
+
+
+def _worker(rank, world, devices, init_file, backend, solver_bytes, source, weights, snapshot,
+            on_start, on_finish, timeout_s):
+    from . import device as _device
+    import torch.distributed as dist
+
+    if rank != 0:
+        set_log_level(1)  # Caffe logs only from the root solver
+    dev = _device_of(devices[rank])
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        _device.set_device(dev.index)
+        _device.set_mode_gpu()
+    else:
+        _device.set_mode_cpu()
+    dist.init_process_group(backend, init_method="file://" + init_file, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish)
+    except BaseException:
+        # Written before this rank leaves the group, so the first error (the cause) has the
+        # earliest time; the others' "connection closed" errors follow it.
+        with open(f"{init_file}.error{rank}", "w") as f:
+            f.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish):
+    from .proto import caffe_pb2
+    from .solvers import create_solver
+    import torch.distributed as dist
+    set_solver_rank(rank, world)
+    param = caffe_pb2.SolverParameter()
+    param.ParseFromString(solver_bytes)
+    if param.random_seed >= 0:
+        param.random_seed += rank
+    solver = create_solver(param, source=source)
+    if snapshot:
+        solver.restore(snapshot)
+    elif weights and rank == 0:
+        for w in weights.split(","):
+            log.info("Finetuning from %s", w)
+            solver.net.copy_from(w)
+            for net in solver.test_nets:
+                net.copy_from(w)
+    make_data_parallel(solver, rank, world)
+    if on_start is not None:
+        on_start(rank, solver)
+    if rank == 0:
+        log.info("Starting Optimization")
+        solver.solve()
+    else:
+        solver.step(solver.param.max_iter - solver.iter)
+    if on_finish is not None:
+        on_finish(rank, solver)
+    dist.barrier()
+
+
+def train_data_parallel(solver_file_or_param, devices, backend: str | None = None,
+                        weights: str | None = None, snapshot: str | None = None,
+                        on_start=None, on_finish=None, timeout_s: float = 1800,
+                        source: str | None = None) -> None:
+    """Train with one process per entry of ``devices`` (CUDA ids, "cuda:i", or "cpu").
+
+    ``solver_file_or_param``: a solver.prototxt path or a SolverParameter (``source``: the file
+    it came from, for relative net paths and the default snapshot prefix). ``weights``
+    (comma-separated .caffemodel files) initialize the root before the broadcast; ``snapshot``
+    (a .solverstate) is restored by every rank. ``on_start(rank, solver)`` and
+    ``on_finish(rank, solver)``, if given, must be picklable; they run in every rank before and
+    after training (e.g. to add callbacks or save results). ``timeout_s`` bounds each collective
+    operation. Raises DataParallelError with the traceback of the rank that failed first; the
+    other ranks are stopped.
+    """
+    import torch.multiprocessing as mp
+    from .io.netfiles import read_solver_text
+
+    devices = list(devices)
+    if len(devices) < 1:
+        raise DataParallelError("data-parallel training needs at least one device")
+    devs = [_device_of(d) for d in devices]
+    cuda = [d.index for d in devs if d.type == "cuda"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if any(i >= count for i in cuda):
+        raise DataParallelError(f"devices {devices}: only {count} CUDA device(s) are present")
+    if backend is None:
+        backend = "nccl" if len(cuda) == len(devs) else "gloo"
+    if isinstance(solver_file_or_param, (str, os.PathLike)):
+        source = os.fspath(solver_file_or_param)
+        param = read_solver_text(source)  # a bad path or file fails here, before any process starts
+    else:
+        param = solver_file_or_param
+    if snapshot and weights:
+        raise DataParallelError("Give a snapshot to resume training or weights to finetune but not both.")
+    log.info("Training on %d devices: %s (backend %s)", len(devices), ", ".join(map(str, devices)), backend)
+    with tempfile.TemporaryDirectory(prefix="recaffe-dist-") as tmp:
+        args = (len(devices), devices, os.path.join(tmp, "store"), backend, param.SerializeToString(),
+                source, weights, snapshot, on_start, on_finish, timeout_s)
+        try:
+            mp.spawn(_worker, args=args, nprocs=len(devices), join=True)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            raise DataParallelError(_first_error(args[2]) or str(e)) from None
+
+
+def _first_error(init_file: str) -> str | None:
+    """The message of the rank that failed first (the others fail because it left)."""
+    errors = []
+    for path in glob.glob(glob.escape(init_file) + ".error*"):
+        with open(path) as f:
+            when, _, trace = f.read().partition("\n")
+        errors.append((float(when), int(path.rsplit("error", 1)[1]), trace))
+    if not errors:
+        return None
+    _, rank, trace = min(errors)
+    return f"data-parallel training failed in rank {rank}:\n{trace}"
