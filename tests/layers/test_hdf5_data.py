@@ -184,3 +184,27 @@ def test_tiny_net_trains_from_hdf5_data(tmp_path):
         losses.append(float(solver.net.blobs["loss"].data))
     assert all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_hdf5_data_solver_r_of_n_reads_rows_r_r_plus_n(two_files, rank):
+    """Caffe 1.0's HDF5DataLayer::Skip in multi-GPU training: solver r of 2 keeps the rows at stream
+    positions r, r+2, ... (across files and wrap-around); TEST layers keep every row."""
+    from recaffe.parallel import set_solver_rank
+
+    source, data, labels = two_files
+    set_solver_rank(rank, 2)
+    try:
+        layer, _, top = hdf5_data(source, 3)
+        text = (f'name: "h5" type: "HDF5Data" top: "data" top: "label" '
+                f'hdf5_data_param {{ source: "{source}" batch_size: 3 }}')
+        test_layer, _, test_top = make_layer(text, [], num_tops=2, dtype=torch.float32, phase=caffe_pb2.TEST)
+    finally:
+        set_solver_rank(0, 1)
+    stream = np.arange(40) % 8  # 8 rows: a.h5 then b.h5, then again
+    mine = stream[rank::2]
+    for i, (d, lab) in enumerate(forwards(layer, top, 4)):
+        np.testing.assert_array_equal(lab, labels[mine[3 * i:3 * i + 3]])
+        np.testing.assert_array_equal(d, data[mine[3 * i:3 * i + 3]].astype(np.float32))
+    (d, lab), = forwards(test_layer, test_top, 1)
+    np.testing.assert_array_equal(lab, labels[:3])  # TEST: every row, whatever the rank

@@ -7,9 +7,11 @@ import os
 import numpy as np
 import torch
 
-from ..io.hdf5_weights import write_hdf5_atomically, import_h5py
+from ..io.hdf5_weights import import_h5py, write_hdf5_atomically
 from ..layer import Layer, register
 from ..log import get_logger
+from ..parallel import solver_rank_and_count
+from ..proto import caffe_pb2
 from .image_data import _generator
 
 log = get_logger(__name__)
@@ -71,7 +73,8 @@ class HDF5DataLayer(Layer):
     rows are copied per forward, moving on to the next file at the end of one and wrapping around
     after the last. With ``shuffle``, the file order is shuffled at setup and at each wrap-around,
     and the row order within a file each time it is started, as in Caffe. Data are read as the
-    net's float type; every file must give each top the same shape past the first axis.
+    net's float type; every file must give each top the same shape past the first axis. In
+    data-parallel training (recaffe.parallel) a TRAIN layer of solver r of N reads rows r, r+N, ...
     """
 
     exact_num_bottom_blobs = 0
@@ -99,6 +102,10 @@ class HDF5DataLayer(Layer):
         if self._shuffle:
             self._rng.shuffle(self._file_order)
         self._current_file = 0
+        # Data parallelism (Caffe 1.0's HDF5DataLayer::Skip): solver r of N keeps the rows at
+        # stream positions r, r+N, ...; TEST layers keep every row.
+        self._rank, self._world = (0, 1) if self.phase == caffe_pb2.TEST else solver_rank_and_count()
+        self._offset = 0
         self._shapes = None
         self._load_current_file()
         self._shapes = [a.shape[1:] for a in self._arrays]
@@ -146,6 +153,10 @@ class HDF5DataLayer(Layer):
         batch = self.layer_param.hdf5_data_param.batch_size
         picks = [[] for _ in top]
         for _ in range(batch):
+            while self._offset % self._world != self._rank:  # another solver's row
+                self._offset += 1
+                self._next()
+            self._offset += 1
             row = self._rows[self._current_row]
             for j, a in enumerate(self._arrays):
                 picks[j].append(a[row])
