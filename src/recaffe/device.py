@@ -1,11 +1,15 @@
-"""Caffe's global mode: CPU or GPU (CUDA through torch), and which GPU.
+"""Caffe's global mode: CPU or GPU (CUDA through torch), and which GPU; determinism on demand.
 
 Nets created after ``set_mode_gpu()`` live on ``cuda:<device id>``; nets created before keep their
 device. ``set_mode_gpu`` without a CUDA build or device raises a clear error.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+DETERMINISTIC_ENV = "RECAFFE_DETERMINISTIC"
 
 _mode = "cpu"
 _device_id = 0
@@ -51,6 +55,29 @@ def _require_cuda(device_id: int | None = None) -> None:
         raise DeviceError(f"GPU {device_id} requested but only {n} CUDA device(s) are present")
 
 
+def set_deterministic(enabled: bool = True) -> None:
+    """Beyond Caffe: make every kernel deterministic, so a seeded run repeats bit for bit on GPU too.
+
+    Turns on ``torch.use_deterministic_algorithms`` (a kernel without a deterministic version then
+    raises instead of running), cuDNN's deterministic algorithms without autotuning, and the cuBLAS
+    workspace setting that deterministic GEMMs need. Sets ``RECAFFE_DETERMINISTIC=1`` so that
+    processes started afterwards (data-parallel ranks) do the same. CPU kernels are deterministic
+    already; the cost is on GPU (slower convolutions and scatter-style backward passes).
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ[DETERMINISTIC_ENV] = "1"
+    else:
+        os.environ.pop(DETERMINISTIC_ENV, None)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
+def is_deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
 def device_query(device_id: int = 0) -> list[str]:
     """Lines describing a CUDA device, as ``caffe device_query`` prints them."""
     _require_cuda(device_id)
@@ -63,3 +90,7 @@ def device_query(device_id: int = 0) -> list[str]:
         f"Total global memory:           {p.total_memory}",
         f"Number of multiprocessors:     {p.multi_processor_count}",
     ]
+
+
+if os.environ.get(DETERMINISTIC_ENV, "") not in ("", "0"):
+    set_deterministic(True)  # asked for by the environment (or inherited by a spawned rank)

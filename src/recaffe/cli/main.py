@@ -53,6 +53,8 @@ def _flags() -> FlagSet:
           "snapshot, stop or none.")
     f.add("sighup_effect", "snapshot", "Optional; action to take when a SIGHUP signal is received: "
           "snapshot, stop or none.")
+    f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, so that a seeded run "
+          "repeats bit for bit on GPU too (slower on GPU).")
     return f
 
 
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         flags, positional = _flags().parse(rest)
         if positional:
             raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
+        if flags["deterministic"]:
+            log.info("Using deterministic algorithms only.")
+            _device.set_deterministic(True)
         return COMMANDS[command](flags)
     except (FlagError, LayerError, ValueError, OSError, _device.DeviceError) as e:
         log.error("%s", e)
