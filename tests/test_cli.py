@@ -85,7 +85,7 @@ def test_signals_snapshot_and_stop_training(tmp_path, monkeypatch):
     import os
     import signal
 
-    from recaffe.cli.main import SignalHandler
+    from recaffe.signals import SignalHandler
     from recaffe.solvers import get_solver
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "net.prototxt", NET)

@@ -5,7 +5,6 @@ commands: train, test, time, device_query, and Caffe's tools under their own nam
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time as _time
 
@@ -14,6 +13,7 @@ from ..io.netfiles import read_solver_text
 from ..layer import LayerError
 from ..log import get_logger
 from ..proto import caffe_pb2
+from ..signals import SignalHandler
 from .flags import FlagError, FlagSet
 
 log = get_logger("caffe")
@@ -84,37 +84,6 @@ def _torch_device_count() -> int:
 
 def _stages(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
-
-
-class SignalHandler:
-    """Turns SIGINT/SIGHUP into solver actions (Caffe's SignalHandler): 'stop', 'snapshot' or 'none'."""
-
-    def __init__(self, sigint_effect: str, sighup_effect: str):
-        for name, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect)):
-            if effect not in ("stop", "snapshot", "none"):
-                raise FlagError(f"-{name} must be stop, snapshot or none, got {effect!r}")
-        self.effects = {signal.SIGINT: sigint_effect}
-        if hasattr(signal, "SIGHUP"):
-            self.effects[signal.SIGHUP] = sighup_effect
-        self.pending: list[int] = []
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in self.effects:
-            self.previous[sig] = signal.signal(sig, lambda s, frame: self.pending.append(s))
-        return self
-
-    def __exit__(self, *exc):
-        for sig, prev in self.previous.items():
-            signal.signal(sig, prev)
-
-    def action(self) -> str:
-        """The action requested since the last call (stop wins over snapshot)."""
-        actions = [self.effects[s] for s in self.pending]
-        self.pending.clear()
-        if "stop" in actions:
-            return "stop"
-        return "snapshot" if "snapshot" in actions else "none"
 
 
 def train(flags: dict) -> int:
