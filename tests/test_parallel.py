@@ -152,3 +152,41 @@ def test_cli_train_with_several_gpus_uses_the_launcher(tmp_path, monkeypatch):
     assert [a[1] for a, _ in calls] == [[0, 1, 2], [0, 2]]
     assert calls[0][1]["weights"] == "w.caffemodel" and calls[0][1]["source"] == str(solver)
     assert calls[1][1]["weights"] is None
+
+
+def _signal_self_at_iter_1(tmp, rank, solver):
+    """on_start: rank 1 sends itself SIGINT after its first update (as Ctrl-C would, which reaches
+    every rank); both ranks record their snapshot calls and where they stopped."""
+    import signal
+
+    _record(tmp, rank, solver)
+    if rank == 1:
+        solver.add_callback(on_start=lambda: solver.iter == 1 and os.kill(os.getpid(), signal.SIGINT))
+
+
+def _stopped_at(tmp, rank, solver):
+    with open(os.path.join(tmp, f"stopped{rank}.txt"), "w") as f:
+        f.write(str(solver.iter))
+
+
+@pytest.mark.parametrize("effect", ["stop", "snapshot"])
+def test_a_signal_to_one_rank_is_acted_on_by_all_at_the_same_iteration(tmp_path, effect):
+    g = np.random.default_rng(4)
+    n = WORLD * B
+    db = str(tmp_path / "lmdb")
+    _write_db(db, g.normal(size=(n, 6)).astype(np.float32), g.integers(0, 3, n), range(n))
+    net = tmp_path / "net.prototxt"
+    net.write_text(NET % (db, B))
+    tmp = str(tmp_path)
+    param = _solver(str(net), max_iter=4, snapshot_prefix=str(tmp_path / "sig"))
+    train_data_parallel(param, ["cpu"] * WORLD, on_start=functools.partial(_signal_self_at_iter_1, tmp),
+                        on_finish=functools.partial(_stopped_at, tmp), timeout_s=60, sigint_effect=effect)
+    stopped = [int(open(os.path.join(tmp, f"stopped{r}.txt")).read()) for r in range(WORLD)]
+    if effect == "stop":
+        assert stopped == [2, 2]  # the signal came during iteration 1: both stop after it
+        assert _events(tmp, 0) == []
+    else:
+        assert stopped == [4, 4]  # training goes on
+        assert _events(tmp, 0) == ["snapshot 2"]  # the root snapshots after the signalled iteration
+        assert (tmp_path / "sig_iter_2.caffemodel").exists()
+    assert _events(tmp, 1) == []  # never a non-root rank

@@ -29,6 +29,7 @@ import traceback
 import torch
 
 from .log import get_logger, set_log_level
+from .signals import ACTIONS, SignalHandler
 
 log = get_logger(__name__)
 
@@ -76,6 +77,7 @@ def make_data_parallel(solver, rank: int | None = None, world: int | None = None
             offset += d.numel()
 
     solver.add_callback(None, average_diffs)
+    _agree_on_actions(solver, rank)
     if rank != 0:
         # Caffe's non-root solvers never test, display or snapshot (Caffe::root_solver()).
         p = solver.param
@@ -83,6 +85,29 @@ def make_data_parallel(solver, rank: int | None = None, world: int | None = None
         p.display = 0
         p.snapshot = 0
         p.snapshot_after_train = False
+
+
+def _agree_on_actions(solver, rank: int) -> None:
+    """Every rank takes the same signal action at the same iteration, or a rank would wait forever
+    in the next all-reduce: each iteration, before the update, the ranks' requested actions
+    (from their own ``solver.action_request``, e.g. a SignalHandler) are combined with MAX, stop
+    winning over snapshot. Only the root snapshots."""
+    import torch.distributed as dist
+    own = solver.action_request
+    decided = ["none"]
+
+    def exchange():
+        code = torch.tensor([ACTIONS.index(own() if own else "none")], dtype=torch.int32)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        decided[0] = ACTIONS[int(code)]
+
+    def action():
+        if rank != 0 and decided[0] == "snapshot":
+            return "none"
+        return decided[0]
+
+    solver.add_callback(None, exchange)
+    solver.action_request = action
 
 
 def _device_of(d) -> torch.device:
@@ -95,7 +120,7 @@ def _device_of(d) -> torch.device:
 
 
 def _worker(rank, world, devices, init_file, backend, solver_bytes, source, weights, snapshot,
-            on_start, on_finish, timeout_s):
+            on_start, on_finish, timeout_s, effects):
     from . import device as _device
     import torch.distributed as dist
 
@@ -111,7 +136,9 @@ def _worker(rank, world, devices, init_file, backend, solver_bytes, source, weig
     dist.init_process_group(backend, init_method="file://" + init_file, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish)
+        with SignalHandler(*effects) as handler:  # Ctrl-C reaches every rank of the process group
+            _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish,
+                        handler.action)
     except BaseException:
         # Written before this rank leaves the group, so the first error (the cause) has the
         # earliest time; the others' "connection closed" errors follow it.
@@ -122,7 +149,7 @@ def _worker(rank, world, devices, init_file, backend, solver_bytes, source, weig
         dist.destroy_process_group()
 
 
-def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish):
+def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish, action_request):
     from .proto import caffe_pb2
     from .solvers import create_solver
     import torch.distributed as dist
@@ -140,6 +167,7 @@ def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, 
             solver.net.copy_from(w)
             for net in solver.test_nets:
                 net.copy_from(w)
+    solver.action_request = action_request
     make_data_parallel(solver, rank, world)
     if on_start is not None:
         on_start(rank, solver)
@@ -156,7 +184,8 @@ def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, 
 def train_data_parallel(solver_file_or_param, devices, backend: str | None = None,
                         weights: str | None = None, snapshot: str | None = None,
                         on_start=None, on_finish=None, timeout_s: float = 1800,
-                        source: str | None = None) -> None:
+                        source: str | None = None, sigint_effect: str = "stop",
+                        sighup_effect: str = "snapshot") -> None:
     """Train with one process per entry of ``devices`` (CUDA ids, "cuda:i", or "cpu").
 
     ``solver_file_or_param``: a solver.prototxt path or a SolverParameter (``source``: the file
@@ -166,7 +195,9 @@ def train_data_parallel(solver_file_or_param, devices, backend: str | None = Non
     ``on_finish(rank, solver)``, if given, must be picklable; they run in every rank before and
     after training (e.g. to add callbacks or save results). ``timeout_s`` bounds each collective
     operation. Raises DataParallelError with the traceback of the rank that failed first; the
-    other ranks are stopped.
+    other ranks are stopped. ``sigint_effect``/``sighup_effect`` are Caffe's -sigint_effect and
+    -sighup_effect: a signal to any rank makes all of them stop (or the root snapshot) at the same
+    iteration; the launching process itself ignores them while the ranks run.
     """
     import torch.multiprocessing as mp
     from .io.netfiles import read_solver_text
@@ -188,12 +219,14 @@ def train_data_parallel(solver_file_or_param, devices, backend: str | None = Non
         param = solver_file_or_param
     if snapshot and weights:
         raise DataParallelError("Give a snapshot to resume training or weights to finetune but not both.")
+    SignalHandler(sigint_effect, sighup_effect)  # checks the effects before any process starts
     log.info("Training on %d devices: %s (backend %s)", len(devices), ", ".join(map(str, devices)), backend)
     with tempfile.TemporaryDirectory(prefix="recaffe-dist-") as tmp:
         args = (len(devices), devices, os.path.join(tmp, "store"), backend, param.SerializeToString(),
-                source, weights, snapshot, on_start, on_finish, timeout_s)
+                source, weights, snapshot, on_start, on_finish, timeout_s, (sigint_effect, sighup_effect))
         try:
-            mp.spawn(_worker, args=args, nprocs=len(devices), join=True)
+            with SignalHandler("none", "none"):  # the ranks decide; the launcher waits for them
+                mp.spawn(_worker, args=args, nprocs=len(devices), join=True)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             raise DataParallelError(_first_error(args[2]) or str(e)) from None
 

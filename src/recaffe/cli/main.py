@@ -105,7 +105,8 @@ def train(flags: dict) -> int:
         from ..parallel import train_data_parallel
         log.info("Using GPUs %s", ", ".join(map(str, ids)))
         train_data_parallel(param, ids, weights=flags["weights"] or None,
-                            snapshot=flags["snapshot"] or None, source=flags["solver"])
+                            snapshot=flags["snapshot"] or None, source=flags["solver"],
+                            sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
         log.info("Optimization Done.")
         return 0
     _set_mode(gpu)
