@@ -179,25 +179,67 @@ class _BatchReader:
             self.db.close()
 
 
-@register("Data")
-class DataLayer(Layer):
-    """Datums from an LMDB or LevelDB (``data_param``), transformed by ``transform_param``.
-
-    Tops: data (batch_size, C, H, W) and optionally label (batch_size,) as floats. The database
-    is read in key order and wraps around at its end. A background thread keeps
-    ``data_param.prefetch`` batches ready (0 loads each batch in ``forward``); it stops when
-    the layer is garbage-collected, at exit, or on :meth:`close`. In data-parallel training
-    (recaffe.parallel) a TRAIN layer of solver r of N reads records r, r+N, r+2N... as Caffe.
-    """
+class PrefetchingDataLayer(Layer):
+    """Caffe's BasePrefetchingDataLayer: tops (data[, label]) filled from ``reader.load_batch()``,
+    in a background thread keeping ``data_param.prefetch`` batches ready (0: loaded in forward).
+    The thread holds the reader only, never the layer, and stops when the layer is collected, at
+    exit, or on :meth:`close`. Subclasses build a reader in ``layer_setup`` and call
+    :meth:`start_loading`; ``batch_errors`` are the reader's errors reported naming the layer."""
 
     exact_num_bottom_blobs = 0
     min_top_blobs = 1
     max_top_blobs = 2
+    batch_errors: tuple[type[Exception], ...] = (TransformError,)
+    _reader = None
+    _prefetcher: Prefetcher | None = None
+    _finalizer = None
+
+    def start_loading(self, reader, on_exit=None) -> None:
+        """Serve batches from ``reader``; ``on_exit`` (e.g. closing a database) runs when loading stops."""
+        self._reader = reader
+        depth = int(self.layer_param.data_param.prefetch)
+        if depth > 0:
+            self._prefetcher = Prefetcher(reader.load_batch, depth, name=f"recaffe-{self.type.lower()}-{self.name}",
+                                          on_exit=on_exit)
+            self._finalizer = weakref.finalize(self, self._prefetcher.close)
+        elif on_exit is not None:
+            self._finalizer = weakref.finalize(self, on_exit)
+
+    def reshape(self, bottom, top):
+        pass  # tops take each batch's shape in forward
+
+    def forward(self, bottom, top):
+        if self._reader is None:
+            raise self.error("forward called before setup (or after close)")
+        try:
+            batch = self._prefetcher.get() if self._prefetcher is not None else self._reader.load_batch()
+        except self.batch_errors as e:
+            raise self.error(str(e)) from None
+        for t, value in zip(top, batch):  # one top: the labels are not loaded
+            t.reshape(tuple(value.shape))
+            t.data_t = value.to(self.device, non_blocking=True) if self.device.type != "cpu" else value
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the layer cannot forward afterwards)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._reader = None
+
+
+@register("Data")
+class DataLayer(PrefetchingDataLayer):
+    """Datums from an LMDB or LevelDB (``data_param``), transformed by ``transform_param``.
+
+    Tops: data (batch_size, C, H, W) and optionally label (batch_size,) as floats. The database
+    is read in key order and wraps around at its end, ahead of compute (PrefetchingDataLayer).
+    In data-parallel training
+    (recaffe.parallel) a TRAIN layer of solver r of N reads records r, r+N, r+2N... as Caffe.
+    """
+
+    batch_errors = (TransformError, DBError)
 
     def __init__(self, param, dtype=torch.float32, device="cpu"):
         super().__init__(param, dtype=dtype, device=device)
-        self._prefetcher: Prefetcher | None = None
-        self._reader: _BatchReader | None = None
         dp = param.data_param
         if not dp.source:
             raise self.error("data_param.source (the database path) is required")
@@ -257,41 +299,10 @@ class DataLayer(Layer):
                  top[0].width)
         if len(top) > 1:
             top[1].reshape((batch_size,))
-        self._reader = reader
-        if dp.prefetch > 0:
-            self._prefetcher = Prefetcher(reader.load_batch, int(dp.prefetch),
-                                          name=f"recaffe-data-{self.name}", on_exit=reader.close)
-            # Stops the thread when the layer is collected or at exit; holds no reference to self.
-            self._finalizer = weakref.finalize(self, self._prefetcher.close)
-        else:
-            self._finalizer = weakref.finalize(self, reader.close)
-
-    def reshape(self, bottom, top):
-        pass  # tops take each batch's shape in forward
-
-    def _next_batch(self):
-        try:
-            if self._prefetcher is not None:
-                return self._prefetcher.get()
-            return self._reader.load_batch()
-        except (TransformError, DBError) as e:
-            raise self.error(str(e)) from None
-
-    def forward(self, bottom, top):
-        if self._reader is None:
-            raise self.error("forward called before setup (or after close)")
-        data, labels = self._next_batch()
-        dev = self.device
-        top[0].reshape(tuple(data.shape))
-        top[0].data_t = data.to(dev, non_blocking=True) if dev.type != "cpu" else data
-        if len(top) > 1:
-            top[1].reshape(tuple(labels.shape))
-            top[1].data_t = labels.to(dev, non_blocking=True) if dev.type != "cpu" else labels
+        self.start_loading(reader, on_exit=reader.close)
 
     def close(self) -> None:
         """Stop the prefetch thread and close the database (the layer cannot forward afterwards)."""
-        if getattr(self, "_finalizer", None) is not None:
-            self._finalizer()
-        elif getattr(self, "_db", None) is not None:
-            self._db.close()
-        self._reader = None
+        if self._finalizer is None and getattr(self, "_db", None) is not None:
+            self._db.close()  # setup did not get as far as start_loading
+        super().close()

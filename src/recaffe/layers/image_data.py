@@ -12,7 +12,6 @@ with the same ``random_seed``, but does not draw Caffe's boost numbers.
 from __future__ import annotations
 
 import math
-import weakref
 import zlib
 
 import numpy as np
@@ -20,9 +19,9 @@ import torch
 
 from .. import rng
 from ..data.image_file import ImageReadError, decode_image_file, read_image, resize_linear
-from ..data.prefetch import Prefetcher
 from ..data.transformer import DataTransformer, TransformError, warn_deprecated_transform_fields
 from ..layer import Layer, register
+from .data import PrefetchingDataLayer
 from ..log import get_logger
 from ..proto import caffe_pb2
 
@@ -82,48 +81,6 @@ def read_image_list(source: str) -> list[tuple[str, int, int]]:
     if not entries:
         raise DataFileError(f"the image list file {source!r} lists no images")
     return entries
-
-
-class _PrefetchingLayer(Layer):
-    """Tops (data, label) filled from ``reader.load_batch()``, in a background thread when
-    ``data_param.prefetch`` > 0. The thread holds the reader only, never the layer."""
-
-    exact_num_bottom_blobs = 0
-    exact_num_top_blobs = 2
-    _reader = None
-    _prefetcher = None
-    _finalizer = None
-
-    def _start(self, reader) -> None:
-        self._reader = reader
-        depth = int(self.layer_param.data_param.prefetch)
-        if depth > 0:
-            self._prefetcher = Prefetcher(reader.load_batch, depth, name=f"recaffe-{self.type}-{self.name}")
-            # Stops the thread when the layer is collected or at exit.
-            self._finalizer = weakref.finalize(self, self._prefetcher.close)
-
-    def reshape(self, bottom, top):
-        pass  # tops take each batch's shape in forward
-
-    def forward(self, bottom, top):
-        if self._reader is None:
-            raise self.error("forward called before setup (or after close)")
-        try:
-            if self._prefetcher is not None:
-                data, labels = self._prefetcher.get()
-            else:
-                data, labels = self._reader.load_batch()
-        except (DataFileError, TransformError) as e:
-            raise self.error(str(e)) from None
-        for t, value in zip(top, (data, labels)):
-            t.reshape(tuple(value.shape))
-            t.data_t = value.to(self.device, non_blocking=True) if self.device.type != "cpu" else value
-
-    def close(self) -> None:
-        """Stop the prefetch thread (the layer cannot forward afterwards)."""
-        if self._finalizer is not None:
-            self._finalizer()
-        self._reader = None
 
 
 # --------------------------------------------------------------------------------- ImageData
@@ -188,7 +145,7 @@ class _ImageListReader:
 
 
 @register("ImageData")
-class ImageDataLayer(_PrefetchingLayer):
+class ImageDataLayer(PrefetchingDataLayer):
     """Images listed in ``image_data_param.source`` (``path label`` per line), transformed by
     ``transform_param``. Tops: data (batch_size, C, H, W) and label (batch_size,).
 
@@ -197,8 +154,11 @@ class ImageDataLayer(_PrefetchingLayer):
     the list at setup and again each time it wraps around; ``rand_skip`` starts at a random line
     below it. Each batch is shaped by its first image: without resize or crop, all images of a
     batch must have one size. The deprecated ``scale/mean_file/crop_size/mirror`` of
-    image_data_param are used when set, as after Caffe's upgrade of old nets.
+    image_data_param are ignored with a warning, as Caffe ignores them.
     """
+
+    exact_num_top_blobs = 2
+    batch_errors = (DataFileError, TransformError)
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.image_data_param
@@ -238,7 +198,7 @@ class ImageDataLayer(_PrefetchingLayer):
         top[0].reshape((p.batch_size, *shape))
         log.info("output data size: %d,%d,%d,%d", p.batch_size, *shape)
         top[1].reshape((p.batch_size,))
-        self._start(reader)
+        self.start_loading(reader)
 
 
 # -------------------------------------------------------------------------------- WindowData
@@ -426,7 +386,7 @@ class _WindowSampler:
 
 
 @register("WindowData")
-class WindowDataLayer(_PrefetchingLayer):
+class WindowDataLayer(PrefetchingDataLayer):
     """Windows of images from Caffe's window file (``window_data_param.source``), for R-CNN.
 
     Each batch holds ``batch_size * (1 - fg_fraction)`` background windows then the foreground
@@ -441,6 +401,9 @@ class WindowDataLayer(_PrefetchingLayer):
     deprecated window_data_param fields are used when set). Caffe multiplies by
     ``window_data_param.scale`` only; recaffe uses it when set, else ``transform_param.scale``.
     """
+
+    exact_num_top_blobs = 2
+    batch_errors = (DataFileError, TransformError)
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.window_data_param
@@ -495,7 +458,7 @@ class WindowDataLayer(_PrefetchingLayer):
         top[0].reshape((p.batch_size, channels, crop, crop))
         log.info("output data size: %d,%d,%d,%d", p.batch_size, channels, crop, crop)
         top[1].reshape((p.batch_size,))
-        self._start(sampler)
+        self.start_loading(sampler)
 
     @staticmethod
     def _cache(source, images) -> list[bytes]:
