@@ -8,6 +8,7 @@ torch's global one, so user code that calls ``torch.manual_seed`` does not distu
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -47,3 +48,11 @@ def numpy_rng() -> np.random.Generator:
     if _numpy_rng is None:
         _numpy_rng = np.random.default_rng(_seed)
     return _numpy_rng
+
+
+def layer_generator(layer_name: str, phase: int, *streams: int) -> np.random.Generator:
+    """A numpy generator for one layer's draws (crops, mirrors, shuffles), from the global seed,
+    the layer's name and phase, and a stream number per kind of draw: runs repeat exactly and
+    layers (or kinds of draw) do not share a sequence."""
+    seed = [get_seed() & 0xFFFFFFFF, zlib.crc32(layer_name.encode()), int(phase), *streams]
+    return np.random.default_rng(seed)

@@ -3,7 +3,6 @@ from an LMDB or LevelDB database, transformed and prefetched in a background thr
 from __future__ import annotations
 
 import weakref
-import zlib
 
 import numpy as np
 import torch
@@ -268,8 +267,7 @@ class DataLayer(PrefetchingDataLayer):
         where = f"{self._db.backend} {dp.source!r}"
         # Crops and mirrors draw from a generator seeded from the global seed (and the layer), so
         # runs repeat exactly.
-        seq = [rng.get_seed() & 0xFFFFFFFF, zlib.crc32(self.name.encode()), int(self.phase)]
-        gen = np.random.default_rng(seq)
+        gen = rng.layer_generator(self.name, self.phase)
         try:
             transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
         except TransformError as e:

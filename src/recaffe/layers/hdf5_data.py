@@ -7,12 +7,12 @@ import os
 import numpy as np
 import torch
 
+from .. import rng
 from ..io.hdf5_weights import import_h5py, write_hdf5_atomically
 from ..layer import Layer, register
 from ..log import get_logger
 from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
-from .image_data import _generator
 
 log = get_logger(__name__)
 
@@ -91,7 +91,7 @@ class HDF5DataLayer(Layer):
             raise self.error("every top must be named: the names are the datasets read")
         self._np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
         self._shuffle = bool(p.shuffle)
-        self._rng = _generator(self, 0)
+        self._rng = rng.layer_generator(self.name, self.phase, 0)
         log.info("Loading list of HDF5 filenames from: %s", p.source)
         try:
             self._files = read_hdf5_list(p.source)

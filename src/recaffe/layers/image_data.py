@@ -12,7 +12,6 @@ with the same ``random_seed``, but does not draw Caffe's boost numbers.
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ import torch
 from .. import rng
 from ..data.image_file import ImageReadError, decode_image_file, read_image, resize_linear
 from ..data.transformer import DataTransformer, TransformError, warn_deprecated_transform_fields
-from ..layer import Layer, register
+from ..layer import register
 from .data import PrefetchingDataLayer
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -30,12 +29,6 @@ log = get_logger(__name__)
 
 class DataFileError(ValueError):
     """A list/window file or an image it names that cannot be used; the message names the file."""
-
-
-def _generator(layer: Layer, stream: int) -> np.random.Generator:
-    """A generator for one kind of draw of one layer, from the global seed."""
-    seed = [rng.get_seed() & 0xFFFFFFFF, zlib.crc32(layer.name.encode()), int(layer.phase), stream]
-    return np.random.default_rng(seed)
 
 
 def _merged_transform_param(layer_param, old) -> caffe_pb2.TransformationParameter:
@@ -175,10 +168,10 @@ class ImageDataLayer(PrefetchingDataLayer):
         try:
             warn_deprecated_transform_fields(self.name, "image_data_param", p)
             transformer = DataTransformer(self.layer_param.transform_param, self.phase,
-                                          _generator(self, 0), self.dtype)
+                                          rng.layer_generator(self.name, self.phase, 0), self.dtype)
         except TransformError as e:
             raise self.error(str(e)) from None
-        order_rng = _generator(self, 1)
+        order_rng = rng.layer_generator(self.name, self.phase, 1)
         reader = _ImageListReader(entries, p, transformer, order_rng if p.shuffle else None, 0, np_dtype)
         if p.shuffle:
             log.info("Shuffling data")
@@ -454,7 +447,7 @@ class WindowDataLayer(PrefetchingDataLayer):
         sampler = _WindowSampler(p.source, images, fg, bg, cache, int(p.batch_size), num_fg, crop, channels,
                                  int(p.context_pad), p.crop_mode == "square", bool(tp.mirror),
                                  p.scale if p.HasField("scale") else tp.scale, mean, mean_values,
-                                 _generator(self, 0), np_dtype)
+                                 rng.layer_generator(self.name, self.phase, 0), np_dtype)
         top[0].reshape((p.batch_size, channels, crop, crop))
         log.info("output data size: %d,%d,%d,%d", p.batch_size, channels, crop, crop)
         top[1].reshape((p.batch_size,))
