@@ -455,17 +455,12 @@ def _random_weights(net):
                 blob.data[...] = rng.standard_normal(blob.shape) * 0.1
 
 
-def _zoo_net(name: str, narrow: int = 1) -> Net:
-    """A zoo net at batch 1, at full width (about 20 s each on 2 cores) unless ``narrow`` > 1
-    divides every Convolution / InnerProduct's num_output (same layers, groups and geometry)."""
+def _zoo_net(name: str) -> Net:
+    """A zoo net from ../shared/reference/zoo at batch 1, full width (about 20 s each on 2 cores)."""
     param = read_net_text(require_reference("zoo", f"{name}.prototxt"))
     for lp in param.layer:
         if lp.type == "Input":
             lp.input_param.shape[0].dim[0] = 1
-        for field in ("convolution_param", "inner_product_param"):
-            if lp.HasField(field):
-                p = getattr(lp, field)
-                p.num_output = max(p.num_output // narrow, 1)
     return Net(param, caffe_pb2.TEST)
 
 
