@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..proto import caffe_pb2
+from .fork_fields import remap_fork_fields
 from .large_proto import read_binary_any_size
 from .protofiles import read_text
 from .upgrade import upgrade_net, upgrade_solver
@@ -19,7 +20,7 @@ def read_net_binary(path: str | os.PathLike) -> caffe_pb2.NetParameter:
     """A ``.caffemodel`` (binary NetParameter with weights), of any size (over 2 GB too)."""
     path = os.fspath(path)
     param = read_binary_any_size(path, caffe_pb2.NetParameter(), "NetParameter (.caffemodel)")
-    return upgrade_net(param, path)
+    return remap_fork_fields(upgrade_net(param, path))
 
 
 def read_solver_text(path: str | os.PathLike) -> caffe_pb2.SolverParameter:

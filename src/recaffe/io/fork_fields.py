@@ -1,0 +1,199 @@
+"""The fields that Caffe's forks added to caffe.proto, and how their binary files are read.
+
+Text files name their fields, so one schema (proto/caffe.proto) parses every fork's prototxt. Binary
+files carry field *numbers*, and the forks reused numbers that BVLC Caffe (or another fork) gives to
+something else: DeepLab's ``interp_param`` is 143, BVLC's ``input_param``; SegNet's ``upsample_param``
+is 137, BVLC's ``embed_param``; NVCaffe's per-layer ``forward_type`` is 145, BVLC's
+``parameter_param``. A ``.caffemodel`` is parsed with our schema first: weights need only a layer's
+name, type and blobs, whose numbers every fork shares, so the weights are always right. Then
+:func:`remap_fork_fields` re-reads what landed in the wrong field, told by the layer's type (an
+``Interp`` layer has no ``input_param``), and what protobuf kept as unknown fields (PSPNet's
+``bn_param`` 152, NVCaffe's 145-148 varints).
+
+``FORK_FIELDS`` lists every field of ours that is not BVLC's, with the fork that defined it and
+that fork's own number; ``UNSUPPORTED_FORK_FIELDS`` names fork fields we do not parse, so that an
+error can say which fork a file comes from.
+"""
+from __future__ import annotations
+
+from ..proto import caffe_pb2
+
+SSD = "SSD (weiliu89/caffe, branch ssd)"
+FRCNN = "Faster R-CNN (rbgirshick/caffe-fast-rcnn)"
+RFCN = "R-FCN (daijifeng001/caffe-rfcn)"
+OPENCV = "OpenCV's Caffe importer (opencv/opencv, modules/dnn)"
+SEGNET = "SegNet (alexgkendall/caffe-segnet)"
+PSPNET = "PSPNet (hszhao/PSPNet)"
+DEEPLAB = "DeepLab v2 (deeplab-public-ver2)"
+NVCAFFE = "NVCaffe (NVIDIA/caffe)"
+SHUFFLENET = "ShuffleNet (farmingyard/ShuffleNet)"
+YOLO = "YOLOv2 Caffe ports (darknet's reorg/region)"
+
+# (message, field) -> (fork, the fork's own field number; None where it is ours by design)
+FORK_FIELDS: dict[tuple[str, str], tuple[str, int | None]] = {
+    ("BlobProto", "raw_data_type"): (NVCAFFE, 10),
+    ("BlobProto", "raw_diff_type"): (NVCAFFE, 11),
+    ("BlobProto", "raw_data"): (NVCAFFE, 12),
+    ("BlobProto", "raw_diff"): (NVCAFFE, 13),
+    ("NetParameter", "default_forward_type"): (NVCAFFE, 11),
+    ("NetParameter", "default_backward_type"): (NVCAFFE, 12),
+    ("NetParameter", "default_forward_math"): (NVCAFFE, 13),
+    ("NetParameter", "default_backward_math"): (NVCAFFE, 14),
+    ("NetParameter", "global_grad_scale"): (NVCAFFE, 15),
+    ("NetParameter", "global_grad_scale_adaptive"): (NVCAFFE, 16),
+    ("NetParameter", "default_conv_algos_override"): (NVCAFFE, 17),
+    ("NetParameter", "reduce_buckets"): (NVCAFFE, 18),
+    ("NetParameter", "default_cudnn_math_override"): (NVCAFFE, 19),
+    ("SolverParameter", "min_lr"): (NVCAFFE, 43),
+    ("SolverParameter", "solver_data_type"): (NVCAFFE, 44),
+    ("SolverParameter", "store_blobs_in_old_format"): (NVCAFFE, 45),
+    ("SolverParameter", "momentum_policy"): (NVCAFFE, 46),
+    ("SolverParameter", "max_momentum"): (NVCAFFE, 47),
+    ("SolverParameter", "momentum_power"): (NVCAFFE, 48),
+    ("SolverParameter", "larc"): (NVCAFFE, 49),
+    ("SolverParameter", "larc_policy"): (NVCAFFE, 50),
+    ("SolverParameter", "larc_eta"): (NVCAFFE, 51),
+    ("SolverParameter", "weight_decay_policy"): (NVCAFFE, 52),
+    ("SolverParameter", "weight_decay_power"): (NVCAFFE, 53),
+    ("SolverParameter", "test_and_snapshot_last_epochs"): (NVCAFFE, 54),
+    ("SolverParameter", "larc_turbo"): (NVCAFFE, 55),
+    ("SolverParameter", "max_weight_decay"): (NVCAFFE, 56),
+    ("SolverParameter", "rampup_interval"): (NVCAFFE, 41),
+    ("SolverParameter", "rampup_lr"): (NVCAFFE, 42),
+    ("SolverParameter", "eval_type"): (SSD, 241),
+    ("SolverParameter", "ap_version"): (SSD, 242),
+    ("SolverParameter", "plateau_winsize"): (SSD, 243),
+    ("SolverParameter", "show_per_class_result"): (SSD, 244),
+    ("TransformationParameter", "resize_param"): (SSD, 8),
+    ("TransformationParameter", "noise_param"): (SSD, 9),
+    ("TransformationParameter", "emit_constraint"): (SSD, 10),
+    ("TransformationParameter", "distort_param"): (SSD, 13),
+    ("TransformationParameter", "expand_param"): (SSD, 14),
+    ("ImageDataParameter", "ignore_label"): (DEEPLAB, 15),
+    ("ImageDataParameter", "label_type"): (DEEPLAB, 16),
+    ("DropoutParameter", "scale_train"): (FRCNN, 2),
+    ("LayerParameter", "annotated_data_param"): (SSD, 200),
+    ("LayerParameter", "multibox_loss_param"): (SSD, 201),
+    ("LayerParameter", "permute_param"): (SSD, 202),
+    ("LayerParameter", "prior_box_param"): (SSD, 203),
+    ("LayerParameter", "detection_output_param"): (SSD, 204),
+    ("LayerParameter", "detection_evaluate_param"): (SSD, 205),
+    ("LayerParameter", "norm_param"): (SSD, 206),
+    ("LayerParameter", "video_data_param"): (SSD, 207),
+    ("LayerParameter", "roi_pooling_param"): (FRCNN, 8266711),
+    ("LayerParameter", "smooth_l1_loss_param"): (FRCNN, 8266712),
+    ("LayerParameter", "psroi_pooling_param"): (RFCN, None),
+    ("LayerParameter", "proposal_param"): (OPENCV, None),
+    ("LayerParameter", "bn_param"): (SEGNET, 45),
+    ("LayerParameter", "upsample_param"): (SEGNET, 137),
+    ("LayerParameter", "dense_image_data_param"): (SEGNET, 138),
+    ("LayerParameter", "interp_param"): (DEEPLAB, 143),
+    ("LayerParameter", "seg_accuracy_param"): (DEEPLAB, 144),
+    ("LayerParameter", "mat_write_param"): (DEEPLAB, 145),
+    ("LayerParameter", "mat_read_param"): (DEEPLAB, 151),
+    ("LayerParameter", "shuffle_channel_param"): (SHUFFLENET, 164),
+    ("LayerParameter", "reorg_param"): (YOLO, None),
+    ("LayerParameter", "region_param"): (YOLO, None),
+    ("LayerParameter", "forward_type"): (NVCAFFE, 145),
+    ("LayerParameter", "backward_type"): (NVCAFFE, 146),
+    ("LayerParameter", "forward_math"): (NVCAFFE, 147),
+    ("LayerParameter", "backward_math"): (NVCAFFE, 148),
+}
+
+# Messages that exist only because a fork defined them (every field of theirs is a fork field).
+FORK_MESSAGES: dict[str, str] = {name: SSD for name in (
+    "LabelMapItem", "LabelMap", "Sampler", "SampleConstraint", "BatchSampler", "EmitConstraint",
+    "NormalizedBBox", "Annotation", "AnnotationGroup", "AnnotatedDatum", "ResizeParameter",
+    "SaltPepperParameter", "NoiseParameter", "DistortionParameter", "ExpansionParameter",
+    "AnnotatedDataParameter", "DetectionEvaluateParameter", "NonMaximumSuppressionParameter",
+    "SaveOutputParameter", "DetectionOutputParameter", "MultiBoxLossParameter", "NormalizeParameter",
+    "PermuteParameter", "PriorBoxParameter", "VideoDataParameter")}
+FORK_MESSAGES.update({
+    "UpsampleParameter": SEGNET, "DenseImageDataParameter": SEGNET, "BNParameter": SEGNET + " and " + PSPNET,
+    "InterpParameter": DEEPLAB, "MatWriteParameter": DEEPLAB, "MatReadParameter": DEEPLAB,
+    "SegAccuracyParameter": DEEPLAB, "ROIPoolingParameter": FRCNN, "SmoothL1LossParameter": FRCNN,
+    "PSROIPoolingParameter": RFCN, "ProposalParameter": OPENCV, "ShuffleChannelParameter": SHUFFLENET,
+    "ReorgParameter": YOLO, "RegionParameter": YOLO,
+})
+
+# Fork fields recaffe does not parse: named in parse errors so the user learns where a file is from.
+UNSUPPORTED_FORK_FIELDS: dict[str, str] = {
+    "dense_crf_param": DEEPLAB, "domain_transform_param": DEEPLAB, "adaptive_bias_channel_param": DEEPLAB,
+    "bias_channel_param": DEEPLAB, "unique_label_param": DEEPLAB, "trt_param": NVCAFFE,
+    "box_annotator_ohem_param": "R-FCN / Deformable ConvNets (OHEM)", "yolo_v3_param": "YOLOv3 Caffe ports",
+    "yolo_detection_output_param": "MobileNet-YOLO (eric612/MobileNet-YOLO)",
+}
+
+# Binary re-reading: layer type -> (BVLC field a fork number landed in, our field for that number).
+_COLLISIONS: dict[str, tuple[str, str]] = {
+    "Interp": ("input_param", "interp_param"),
+    "SegAccuracy": ("crop_param", "seg_accuracy_param"),
+    "MatWrite": ("parameter_param", "mat_write_param"),
+    "Upsample": ("embed_param", "upsample_param"),
+    "DenseImageData": ("tile_param", "dense_image_data_param"),
+}
+_PSPNET_BN_NUMBER = 152
+_PSPNET_BN_RENUMBER = {1: 11, 2: 12, 3: 13, 4: 14, 5: 15, 6: 16}
+_NVCAFFE_LAYER_TYPES = {145: "forward_type", 146: "backward_type", 147: "forward_math", 148: "backward_math"}
+
+
+def fork_of_field(name: str) -> str | None:
+    """The fork that defines a LayerParameter field called ``name``, where known."""
+    if name in UNSUPPORTED_FORK_FIELDS:
+        return UNSUPPORTED_FORK_FIELDS[name]
+    for (msg, field), (fork, _) in FORK_FIELDS.items():
+        if field == name:
+            return fork
+    return None
+
+
+def remap_fork_fields(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """Move fork params that a binary parse put under BVLC's numbers to their own fields (in place)."""
+    for layer in net.layer:
+        moved = _COLLISIONS.get(layer.type)
+        if moved and layer.HasField(moved[0]):
+            raw = getattr(layer, moved[0]).SerializeToString()
+            layer.ClearField(moved[0])
+            getattr(layer, moved[1]).MergeFromString(raw)
+        _remap_unknown(layer)
+    return net
+
+
+def _remap_unknown(layer: caffe_pb2.LayerParameter) -> None:
+    """PSPNet's bn_param (152) and NVCaffe's per-layer types (145-148 as varints) arrive as unknown fields."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    unknown = UnknownFieldSet(layer)
+    if not len(unknown):
+        return
+    for field in unknown:
+        if field.field_number == _PSPNET_BN_NUMBER and field.wire_type == 2 and layer.type == "BN":
+            bn = caffe_pb2.BNParameter()
+            for sub in UnknownFieldSet(_as_empty_message(field.data)):
+                _merge_renumbered(bn, sub, _PSPNET_BN_RENUMBER)
+            layer.bn_param.MergeFrom(bn)
+        elif field.field_number in _NVCAFFE_LAYER_TYPES and field.wire_type == 0:
+            setattr(layer, _NVCAFFE_LAYER_TYPES[field.field_number], field.data)
+
+
+def _as_empty_message(data: bytes):
+    """A message with no known fields holding ``data``, to walk its fields as unknown ones."""
+    from google.protobuf import empty_pb2
+
+    m = empty_pb2.Empty()
+    m.MergeFromString(data)
+    return m
+
+
+def _merge_renumbered(target, field, renumber: dict[int, int]) -> None:
+    number = renumber.get(field.field_number)
+    if number is None:
+        return
+    desc = target.DESCRIPTOR.fields_by_number[number]
+    if field.wire_type == 2:  # a sub-message (fillers)
+        getattr(target, desc.name).MergeFromString(field.data)
+    elif field.wire_type == 5:  # fixed32: a float
+        import struct
+        setattr(target, desc.name, struct.unpack("<f", struct.pack("<I", field.data))[0])
+    elif field.wire_type == 0:  # varint: bool or enum
+        setattr(target, desc.name, bool(field.data) if desc.type == desc.TYPE_BOOL else field.data)
