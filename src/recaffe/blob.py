@@ -277,7 +277,9 @@ def _proto_values(proto: caffe_pb2.BlobProto, which: str) -> np.ndarray | None:
 
 
 def _to_tensor(values: np.ndarray, blob: Blob) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values)).to(device=blob.device, dtype=blob.dtype)
+    # ascontiguousarray turns a 0-d array into 1-d: keep the shape (SSD's Normalize scale has 0 axes)
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape)).to(
+        device=blob.device, dtype=blob.dtype)
 
 
 def _prod(shape: Iterable[int]) -> int:

@@ -250,6 +250,49 @@ class ReshapeLayer(_AliasLayer):
         top[0].data_t = bottom[0].data_t.reshape(top[0].shape)  # alias now, as Caffe's ShareData
 
 
+@register("Permute")
+class PermuteLayer(Layer):
+    """SSD's axis permutation (weiliu89/caffe, ``permute_param``): top axis i is bottom axis
+    ``order[i]``. Unlisted axes follow the listed ones in their original order (the fork's
+    completion: ``order: 0 2`` on a 4-D blob is 0 2 1 3). When the order is the identity the top
+    shares the bottom's data, as the fork does."""
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        n = bottom[0].num_axes
+        orders: list[int] = []
+        for o in self.layer_param.permute_param.order:
+            if o >= n:
+                raise self.error(f"order {o} should be less than the number of axes of the bottom "
+                                 f"(shape {bottom[0].shape})")
+            if o in orders:
+                raise self.error(f"there are duplicate orders in {list(self.layer_param.permute_param.order)}")
+            orders.append(o)
+        orders += [i for i in range(n) if i not in orders]
+        self.order = tuple(orders)
+        self.inverse = tuple(orders.index(i) for i in range(n))
+        self.need_permute = self.order != tuple(range(n))
+        if self.need_permute and top[0] is bottom[0]:
+            raise self.error("Permute does not allow in-place computation.")
+
+    def reshape(self, bottom, top):
+        if bottom[0].num_axes != len(self.order):
+            raise self.error(f"bottom shape {bottom[0].shape} has {bottom[0].num_axes} axes; the layer was "
+                             f"set up for {len(self.order)}")
+        top[0].reshape(tuple(bottom[0].shape[o] for o in self.order))
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t
+        top[0].data_t = x.permute(self.order).contiguous() if self.need_permute else x
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            g = top[0].diff_t
+            bottom[0].diff_t = g.permute(self.inverse).contiguous() if self.need_permute else g
+
+
 @register("Softmax")
 class SoftmaxLayer(Layer):
     """exp(x - max) / sum along ``axis``; may run in place (backward uses the output)."""

@@ -1,5 +1,5 @@
-"""Loss layers (SoftmaxWithLoss, EuclideanLoss, SigmoidCrossEntropyLoss, MultinomialLogisticLoss,
-InfogainLoss, HingeLoss, ContrastiveLoss) and Accuracy.
+"""Loss layers (SoftmaxWithLoss, EuclideanLoss, SmoothL1Loss, SigmoidCrossEntropyLoss,
+MultinomialLogisticLoss, InfogainLoss, HingeLoss, ContrastiveLoss) and Accuracy.
 
 Loss layers take (prediction, label/target) bottoms and write a scalar (0-D) top whose default loss
 weight is 1. Backward scales by the loss weight that the base class stores in the top's diff.
@@ -251,6 +251,70 @@ class EuclideanLossLayer(LossLayer):
             if propagate_down[i]:
                 alpha = top[0].diff_t * (sign / bottom[i].shape[0])
                 bottom[i].diff_t = (self._diff * alpha).reshape(bottom[i].shape)
+
+
+@register("SmoothL1Loss")
+class SmoothL1LossLayer(LossLayer):
+    """Fast R-CNN's smooth L1 loss, in the form of either fork that ships it.
+
+    * SSD (weiliu89/caffe): 2 bottoms (prediction, target); ``sum(f(b0 - b1)) / num`` with
+      ``f(x) = 0.5 x^2`` if ``|x| < 1`` else ``|x| - 0.5``. (The fork declares a 3rd "weights"
+      bottom but its LossLayer check refuses 3 bottoms; so do we.)
+    * Faster R-CNN (rbgirshick/caffe-fast-rcnn): ``smooth_l1_loss_param.sigma`` and optionally
+      4 bottoms (prediction, target, inside_weights, outside_weights):
+      ``sum(w_out * f_sigma(w_in * (b0 - b1))) / num`` with ``f_sigma(x) = 0.5 (sigma x)^2`` if
+      ``|x| < 1 / sigma^2`` else ``|x| - 0.5 / sigma^2``.
+
+    With 2 bottoms and sigma 1 (the default) both forms are the same function, so one class
+    serves both: the bottom count picks the weights, ``sigma`` the transition. Gradients go to
+    bottoms 0 and 1 (the second with the opposite sign), never to the weights.
+    """
+
+    exact_num_bottom_blobs = -1
+    min_bottom_blobs = 2
+    max_bottom_blobs = 4
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return True
+
+    def layer_setup(self, bottom, top):
+        if len(bottom) == 3:
+            raise self.error("takes 2 bottoms (prediction, target) or 4 (with Faster R-CNN's "
+                             "inside_weights and outside_weights), got 3")
+        sigma = self.layer_param.smooth_l1_loss_param.sigma
+        self.sigma2 = float(sigma) * float(sigma)
+        if self.sigma2 <= 0:
+            raise self.error(f"smooth_l1_loss_param.sigma must be non-zero, got {sigma}")
+
+    def reshape(self, bottom, top):
+        super().reshape(bottom, top)
+        for i in range(1, len(bottom)):
+            if bottom[i].count(1) != bottom[0].count(1) or bottom[i].count() != bottom[0].count():
+                raise self.error(f"bottom[{i}] shape {bottom[i].shape} does not match bottom[0] shape "
+                                 f"{bottom[0].shape}")
+
+    def forward(self, bottom, top):
+        d = bottom[0].data_t - bottom[1].data_t.reshape(bottom[0].shape)
+        if len(bottom) == 4:
+            d = d * bottom[2].data_t.reshape(d.shape)
+        self._d = d
+        a = d.abs()
+        small = a < 1.0 / self.sigma2
+        err = torch.where(small, 0.5 * d * d * self.sigma2, a - 0.5 / self.sigma2)
+        if len(bottom) == 4:
+            err = err * bottom[3].data_t.reshape(d.shape)
+        top[0].data_t = err.sum() / bottom[0].shape[0]
+
+    def backward(self, top, propagate_down, bottom):
+        d = self._d
+        grad = torch.where(d.abs() < 1.0 / self.sigma2, d * self.sigma2, torch.sign(d))
+        if len(bottom) == 4:
+            grad = grad * bottom[2].data_t.reshape(d.shape) * bottom[3].data_t.reshape(d.shape)
+        for i, sign in ((0, 1.0), (1, -1.0)):
+            if propagate_down[i]:
+                alpha = top[0].diff_t * (sign / bottom[i].shape[0])
+                bottom[i].diff_t = (grad * alpha).reshape(bottom[i].shape)
+        # Like both forks, nothing is written to the weights' diffs.
 
 
 @register("SigmoidCrossEntropyLoss")

@@ -1,4 +1,4 @@
-"""Normalization layers: BatchNorm, Scale, Bias, MVN."""
+"""Normalization layers: BatchNorm, Scale, Bias, MVN, and SSD's Normalize."""
 from __future__ import annotations
 
 import torch
@@ -241,6 +241,87 @@ class ScaleLayer(Layer):
         if propagate_down[0]:
             s = self._scale(bottom).data_t.reshape(1, dim, 1)
             bottom[0].diff_t = (dy.reshape(outer, dim, inner) * s).reshape(bottom[0].shape)
+
+
+@register("Normalize")
+class NormalizeLayer(Layer):
+    """SSD's L2 normalization (weiliu89/caffe, ``norm_param``) followed by a learned scale.
+
+    ``across_spatial`` (default true): one norm per image over C*H*W, else one per position over C.
+    The norm is ``sqrt(sum(x^2) + eps)``. The scale is one value (``channel_shared``, default true;
+    a blob with 0 axes, as the fork stores it) or one per channel, filled by ``scale_filler``
+    (default constant 1).
+
+    Backward is the fork's: the bottom gradient projects ``top_diff`` and multiplies by the scale
+    afterwards, which is the exact gradient only when the scale is channel-shared; the scale's diff
+    is ``sum(top * top_diff) / scale`` (per channel when not shared).
+    """
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.norm_param
+        if not 2 <= bottom[0].num_axes <= 4:
+            raise self.error(f"bottom must have 2 to 4 axes, got shape {bottom[0].shape}")
+        self.across_spatial = p.across_spatial
+        self.channel_shared = p.channel_shared
+        self.eps = p.eps
+        channels = bottom[0].shape[1]
+        want = () if self.channel_shared else (channels,)
+        if self.blobs:
+            if len(self.blobs) != 1 or self.blobs[0].count() != (1 if self.channel_shared else channels):
+                got = [b.shape for b in self.blobs]
+                raise self.error(f"scale blob {got} is inconsistent with channel_shared "
+                                 f"{str(self.channel_shared).lower()} and bottom shape {bottom[0].shape} "
+                                 f"(expected shape {want})")
+        else:
+            self.blobs = [self.new_blob(want)]
+            filler = p.scale_filler if p.HasField("scale_filler") else \
+                caffe_pb2.FillerParameter(type="constant", value=1.0)
+            fill(self.blobs[0], filler)
+        self.param_propagate_down = [True]
+
+    def reshape(self, bottom, top):
+        if not 2 <= bottom[0].num_axes <= 4:
+            raise self.error(f"bottom must have 2 to 4 axes, got shape {bottom[0].shape}")
+        want = 1 if self.channel_shared else self.blobs[0].count()
+        if not self.channel_shared and bottom[0].shape[1] != want:
+            raise self.error(f"bottom shape {bottom[0].shape} has {bottom[0].shape[1]} channels but the "
+                             f"scale blob has shape {self.blobs[0].shape}")
+        top[0].reshape(bottom[0].shape)
+
+    def _scale(self, c: int) -> torch.Tensor:
+        s = self.blobs[0].data_t
+        return s.reshape(1, 1, 1) if self.channel_shared else s.reshape(1, c, 1)
+
+    def forward(self, bottom, top):
+        n, c = bottom[0].shape[0], bottom[0].shape[1]
+        x = bottom[0].data_t.reshape(n, c, -1)
+        if self.across_spatial:
+            norm = torch.sqrt((x * x).sum(dim=(1, 2), keepdim=True) + self.eps)
+        else:
+            norm = torch.sqrt((x * x).sum(dim=1, keepdim=True) + self.eps)
+        self._norm = norm
+        top[0].data_t = (x / norm * self._scale(c)).reshape(bottom[0].shape)
+
+    def backward(self, top, propagate_down, bottom):
+        n, c = bottom[0].shape[0], bottom[0].shape[1]
+        g = top[0].diff_t.reshape(n, c, -1)
+        if self.param_propagate_down[0]:
+            y = top[0].data_t.reshape(n, c, -1)
+            s = self.blobs[0]
+            if self.channel_shared:
+                s.diff_t.add_(((y * g).sum() / s.data_t).reshape(s.shape))
+            else:
+                s.diff_t.add_((y * g).sum(dim=(0, 2)) / s.data_t)
+        if propagate_down[0]:
+            x = bottom[0].data_t.reshape(n, c, -1)
+            norm = self._norm
+            dims = (1, 2) if self.across_spatial else (1,)
+            a = (x * g).sum(dim=dims, keepdim=True)
+            d = (g - x * a / (norm * norm)) / norm
+            bottom[0].diff_t = (d * self._scale(c)).reshape(bottom[0].shape)
 
 
 @register("MVN")

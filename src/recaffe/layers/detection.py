@@ -1,0 +1,510 @@
+"""SSD's detection layers (weiliu89/caffe, branch ssd): PriorBox and DetectionOutput.
+
+Boxes are rows ``[xmin, ymin, xmax, ymax]``, normalized to [0, 1] unless OpenCV's
+``normalized_bbox: false`` says they are pixels (then widths and areas get the ``+ 1`` of pixel
+boxes). The box arithmetic (decode, IoU, greedy NMS with SSD's adaptive ``eta``) is in
+:mod:`recaffe.boxes`, vectorized over images and classes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from ..io.protofiles import ProtoFileError, read_text
+from ..layer import Layer, register
+from ..log import get_logger
+from ..proto import caffe_pb2
+
+log = get_logger(__name__)
+
+FLT_MAX = 3.4028234663852886e38
+CodeType = caffe_pb2.PriorBoxParameter
+
+
+# --------------------------------------------------------------------------- box helpers
+def decode_boxes(loc: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.Tensor, *, code_type: int,
+                 variance_encoded_in_target: bool = False, normalized: bool = True) -> torch.Tensor:
+    """SSD's DecodeBBox on tensors: ``loc [..., P, 4]`` against ``prior_boxes``/``prior_var``
+    ``[P, 4]``. ``normalized`` false is OpenCV's pixel convention (prior width + 1 for CENTER_SIZE)."""
+    v = torch.ones_like(prior_var) if variance_encoded_in_target else prior_var
+    d = loc * v
+    px0, py0, px1, py1 = prior_boxes.unbind(-1)
+    if code_type == CodeType.CORNER:
+        return prior_boxes + d
+    pw, ph = px1 - px0, py1 - py0
+    if code_type == CodeType.CENTER_SIZE:
+        if not normalized:
+            pw, ph = pw + 1, ph + 1
+            pcx, pcy = px0 + pw * 0.5, py0 + ph * 0.5
+        else:
+            pcx, pcy = (px0 + px1) / 2, (py0 + py1) / 2
+        cx = d[..., 0] * pw + pcx
+        cy = d[..., 1] * ph + pcy
+        w = torch.exp(d[..., 2]) * pw
+        h = torch.exp(d[..., 3]) * ph
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    if code_type == CodeType.CORNER_SIZE:
+        scale = torch.stack([pw, ph, pw, ph], dim=-1)
+        return prior_boxes + d * scale
+    raise ValueError(f"unknown code_type {code_type}")
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor, normalized: bool = True) -> torch.Tensor:
+    """SSD's JaccardOverlap between ``a [..., M, 4]`` and ``b [..., K, 4]`` -> ``[..., M, K]``.
+    Invalid boxes (xmax < xmin or ymax < ymin) have area 0; pixel boxes (``normalized`` false,
+    OpenCV) measure ``(w + 1) * (h + 1)``."""
+    one = 0.0 if normalized else 1.0
+    a, b = a.unsqueeze(-2), b.unsqueeze(-3)
+
+    def area(x):
+        w, h = x[..., 2] - x[..., 0], x[..., 3] - x[..., 1]
+        return torch.where((w < 0) | (h < 0), torch.zeros_like(w), (w + one) * (h + one))
+
+    iw = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
+    ih = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
+    hit = (iw > 0) & (ih > 0) if normalized else (iw >= 0) & (ih >= 0)
+    inter = (iw + one) * (ih + one)
+    union = area(a) + area(b) - inter
+    return torch.where(hit, inter / torch.where(hit, union, torch.ones_like(union)), torch.zeros_like(inter))
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, nms_threshold: float, *,
+                score_threshold: float = -FLT_MAX, top_k: int = -1, eta: float = 1.0,
+                normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SSD's ApplyNMSFast on R independent rows at once: ``boxes [R, P, 4]``, ``scores [R, P]``.
+
+    Per row: candidates with score > ``score_threshold``, sorted by descending score (ties keep
+    index order), the first ``top_k``; then greedy suppression where a candidate survives when its
+    IoU with every kept box is <= the adaptive threshold, which is multiplied by ``eta`` after each
+    kept box while it is > 0.5. Returns ``keep [R, K]`` (bool, in sorted order), ``order [R, K]`` (the
+    candidates' indices into P) and their ``scores [R, K]``. The loop runs once per kept box of the
+    busiest row, never per candidate.
+    """
+    r, p = scores.shape
+    masked = torch.where(scores > score_threshold, scores, torch.full_like(scores, -math.inf))
+    vals, order = torch.sort(masked, dim=1, descending=True, stable=True)
+    k = int((vals > -math.inf).sum(dim=1).max()) if r and p else 0
+    if top_k > -1:
+        k = min(k, top_k)
+    vals, order = vals[:, :k], order[:, :k]
+    valid = vals > -math.inf
+    keep = torch.zeros_like(valid)
+    if k == 0:
+        return keep, order, vals
+    cand = boxes.gather(1, order.unsqueeze(-1).expand(r, k, 4))
+    chunk = max(1, (1 << 25) // (k * k))
+    iou = torch.cat([pairwise_iou(cand[i:i + chunk], cand[i:i + chunk], normalized)
+                     for i in range(0, r, chunk)])
+    remaining = valid.clone()
+    threshold = torch.full((r,), nms_threshold, dtype=iou.dtype, device=iou.device)
+    worst = torch.zeros((r, k), dtype=iou.dtype, device=iou.device)  # max IoU with a kept box
+    rows = torch.arange(r, device=iou.device)
+    while True:
+        active = remaining.any(dim=1)
+        if not bool(active.any()):
+            break
+        first = remaining.to(torch.uint8).argmax(dim=1)
+        keep[rows, first] |= active
+        remaining[rows, first] = False
+        worst = torch.where(active[:, None], torch.maximum(worst, iou[rows, first]), worst)
+        if eta < 1:
+            threshold = torch.where(active & (threshold > 0.5), threshold * eta, threshold)
+        remaining &= worst <= threshold[:, None]
+    return keep, order, vals
+
+
+@register("PriorBox")
+class PriorBoxLayer(Layer):
+    """The prior (default) boxes of one feature map: top ``[1, 2, H*W*num_priors*4]``, channel 0
+    the boxes (normalized by the image size), channel 1 their variances.
+
+    Per cell, in the fork's order: for each ``min_size`` the square box of that size, then (with
+    ``max_size``) the square of side ``sqrt(min_size * max_size)``, then one box per aspect ratio
+    other than 1 (``flip`` adds each ratio's inverse right after it). The fork truncates
+    ``min_size``/``max_size`` to integers; so does this layer. OpenCV's ``width``/``height`` give the
+    boxes explicitly instead, and its ``offset_h``/``offset_w`` several centers per cell (boxes
+    outer, offsets inner, as OpenCV). Forward only, as in the fork.
+    """
+
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.prior_box_param
+        explicit = len(p.width) > 0 or len(p.height) > 0
+        if explicit:
+            if len(p.width) != len(p.height):
+                raise self.error(f"width ({len(p.width)} values) and height ({len(p.height)} values) must "
+                                 "have the same number of values")
+            if len(p.min_size) or len(p.max_size) or len(p.aspect_ratio):
+                raise self.error("explicit width/height (OpenCV) exclude min_size, max_size and aspect_ratio")
+            widths = [float(w) for w in p.width]
+            heights = [float(h) for h in p.height]
+        else:
+            if not len(p.min_size):
+                raise self.error("must provide min_size")
+            mins = []
+            for m in p.min_size:
+                if m <= 0:
+                    raise self.error(f"min_size must be positive, got {m}")
+                mins.append(int(m))  # the fork stores min sizes in an int
+            ratios = [1.0]
+            for ar in p.aspect_ratio:
+                if any(abs(ar - r) < 1e-6 for r in ratios):
+                    continue
+                ratios.append(float(ar))
+                if p.flip:
+                    ratios.append(float(np.float32(1.0 / ar)))
+            maxs = []
+            if len(p.max_size):
+                if len(p.max_size) != len(p.min_size):
+                    raise self.error(f"{len(p.max_size)} max_size values for {len(p.min_size)} min_size values")
+                for mn, mx in zip(p.min_size, p.max_size):
+                    if mx <= mn:
+                        raise self.error(f"max_size ({mx}) must be greater than min_size ({mn})")
+                    maxs.append(int(mx))
+            widths, heights = [], []
+            f32 = np.float32
+            for s, mn in enumerate(mins):
+                widths.append(float(mn))
+                heights.append(float(mn))
+                if maxs:
+                    side = float(f32(math.sqrt(mn * maxs[s])))
+                    widths.append(side)
+                    heights.append(side)
+                for ar in ratios:
+                    if abs(ar - 1.0) < 1e-6:
+                        continue
+                    r = np.sqrt(f32(ar))
+                    widths.append(float(f32(mn) * r))
+                    heights.append(float(f32(mn) / r))
+        self.widths, self.heights = widths, heights
+        if len(p.offset_h) or len(p.offset_w):
+            if p.HasField("offset"):
+                raise self.error("either offset or offset_h/offset_w (OpenCV) may be given, not both")
+            if len(p.offset_h) != len(p.offset_w) or not len(p.offset_h):
+                raise self.error(f"offset_h ({len(p.offset_h)} values) and offset_w ({len(p.offset_w)} values) "
+                                 "must have the same, non-zero number of values")
+            self.offsets = [(float(h), float(w)) for h, w in zip(p.offset_h, p.offset_w)]
+        else:
+            self.offsets = [(float(p.offset), float(p.offset))]
+        self.num_priors = len(widths) * len(self.offsets)
+        self.clip = p.clip
+        if len(p.variance) > 1:
+            if len(p.variance) != 4:
+                raise self.error(f"variance must have 1 or 4 values, got {len(p.variance)}")
+        for v in p.variance:
+            if v <= 0:
+                raise self.error(f"variance must be positive, got {v}")
+        self.variance = [float(v) for v in p.variance] or [0.1]
+        if p.HasField("img_h") or p.HasField("img_w"):
+            if p.HasField("img_size"):
+                raise self.error("either img_size or img_h/img_w should be specified; not both")
+            if p.img_h <= 0 or p.img_w <= 0:
+                raise self.error(f"img_h and img_w must be larger than 0, got {p.img_h} and {p.img_w}")
+            self.img_h, self.img_w = int(p.img_h), int(p.img_w)
+        elif p.HasField("img_size"):
+            if p.img_size <= 0:
+                raise self.error("img_size should be larger than 0")
+            self.img_h = self.img_w = int(p.img_size)
+        else:
+            self.img_h = self.img_w = 0
+        if p.HasField("step_h") or p.HasField("step_w"):
+            if p.HasField("step"):
+                raise self.error("either step or step_h/step_w should be specified; not both")
+            if p.step_h <= 0 or p.step_w <= 0:
+                raise self.error(f"step_h and step_w must be larger than 0, got {p.step_h} and {p.step_w}")
+            self.step_h, self.step_w = float(p.step_h), float(p.step_w)
+        elif p.HasField("step"):
+            if p.step <= 0:
+                raise self.error("step should be larger than 0")
+            self.step_h = self.step_w = float(p.step)
+        else:
+            self.step_h = self.step_w = 0.0
+        self._cache_key = None
+
+    def reshape(self, bottom, top):
+        h, w = bottom[0].height, bottom[0].width
+        top[0].reshape((1, 2, h * w * self.num_priors * 4))
+
+    def priors(self, layer_h: int, layer_w: int, img_h: int, img_w: int) -> np.ndarray:
+        """The top's values ``[1, 2, H*W*num_priors*4]`` as float32 numpy (also used by export)."""
+        if self.img_h and self.img_w:
+            img_h, img_w = self.img_h, self.img_w
+        f32 = np.float32
+        if self.step_h and self.step_w:
+            step_h, step_w = f32(self.step_h), f32(self.step_w)
+        else:
+            step_h, step_w = f32(img_h) / f32(layer_h), f32(img_w) / f32(layer_w)
+        off_h = np.array([o[0] for o in self.offsets], f32)
+        off_w = np.array([o[1] for o in self.offsets], f32)
+        # centers in float32 as the fork computes them: [H, W, offsets]
+        cy = (np.arange(layer_h, dtype=f32)[:, None, None] + off_h[None, None, :]) * step_h
+        cx = (np.arange(layer_w, dtype=f32)[None, :, None] + off_w[None, None, :]) * step_w
+        cy = np.broadcast_to(cy, (layer_h, layer_w, len(self.offsets))).astype("f8")
+        cx = np.broadcast_to(cx, (layer_h, layer_w, len(self.offsets))).astype("f8")
+        bw = np.array(self.widths, "f8")[None, None, :, None]   # [1, 1, boxes, 1]
+        bh = np.array(self.heights, "f8")[None, None, :, None]
+        cx, cy = cx[:, :, None, :], cy[:, :, None, :]            # [H, W, 1, offsets]
+        out = np.stack([(cx - bw / 2.0) / img_w, (cy - bh / 2.0) / img_h,
+                        (cx + bw / 2.0) / img_w, (cy + bh / 2.0) / img_h], axis=-1).astype(f32)
+        out = out.reshape(-1)
+        if self.clip:
+            out = np.clip(out, 0.0, 1.0)
+        var = np.tile(np.array(self.variance if len(self.variance) == 4 else self.variance * 4, f32),
+                      out.size // 4)
+        return np.stack([out, var]).reshape(1, 2, -1)
+
+    def forward(self, bottom, top):
+        key = (bottom[0].height, bottom[0].width, bottom[1].height, bottom[1].width)
+        if key != self._cache_key:
+            self._values = torch.as_tensor(self.priors(*key), dtype=self.dtype, device=self.device)
+            self._cache_key = key
+        top[0].data_t = self._values.clone()
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # the fork's Backward_cpu returns without touching the bottoms
+
+
+@register("DetectionOutput")
+class DetectionOutputLayer(Layer):
+    """Decodes SSD's location predictions against the priors, runs per-class NMS, keeps the best
+    ``keep_top_k`` per image, and writes ``[1, 1, N, 7]`` rows ``[image_id, label, score, xmin, ymin,
+    xmax, ymax]``: image ascending, then label ascending, then score descending (the fork's order).
+    When no image has any detection the top is one row ``[i, -1, -1, -1, -1, -1, -1]`` per image.
+
+    Bottoms: loc ``[N, P*L*4]`` (L = 1 with ``share_location``, else num_classes), conf
+    ``[N, P*num_classes]`` (probabilities), priors ``[1, 2, P*4]``. Boxes are not clipped (the
+    fork's CPU path), unless OpenCV's ``clip: true``. OpenCV's ``normalized_bbox: false`` treats
+    boxes as pixels (``+ 1`` in widths and areas). ``save_output_param`` writes result files
+    (VOC, COCO, ILSVRC) when it names an output directory, a label map and a name-size file, as the
+    fork does. ``visualize`` (an OpenCV window in the fork) is ignored with a warning.
+    """
+
+    min_bottom_blobs = 3
+    max_bottom_blobs = 4
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.detection_output_param
+        if not p.HasField("num_classes"):
+            raise self.error("must specify detection_output_param.num_classes")
+        self.num_classes = int(p.num_classes)
+        self.share_location = p.share_location
+        self.num_loc_classes = 1 if self.share_location else self.num_classes
+        self.background = int(p.background_label_id)
+        self.code_type = p.code_type
+        self.variance_encoded = p.variance_encoded_in_target
+        self.keep_top_k = int(p.keep_top_k)
+        self.confidence_threshold = float(p.confidence_threshold) if p.HasField("confidence_threshold") \
+            else -FLT_MAX
+        self.nms_threshold = float(p.nms_param.nms_threshold)
+        if self.nms_threshold < 0:
+            raise self.error(f"nms_threshold must be non negative, got {self.nms_threshold}")
+        self.eta = float(p.nms_param.eta)
+        if not 0 < self.eta <= 1:
+            raise self.error(f"nms_param.eta must be in (0, 1], got {self.eta}")
+        self.top_k = int(p.nms_param.top_k) if p.nms_param.HasField("top_k") else -1
+        self.normalized = p.normalized_bbox
+        self.clip = p.clip
+        if p.visualize:
+            log.warning("DetectionOutput layer %r: visualize is not supported (the fork opens an OpenCV "
+                        "window); ignored", self.name)
+        self.labels_kept = [c for c in range(self.num_classes) if c != self.background]
+        self._setup_save(p.save_output_param)
+
+    # ------------------------------------------------------------------ shapes
+    def reshape(self, bottom, top):
+        if bottom[0].num != bottom[1].num:
+            raise self.error(f"loc and conf must have the same number of images: bottom[0] has shape "
+                             f"{bottom[0].shape}, bottom[1] has shape {bottom[1].shape}")
+        self.num_priors = bottom[2].height // 4
+        if self.num_priors * self.num_loc_classes * 4 != bottom[0].channels:
+            raise self.error(f"number of priors must match number of location predictions: priors "
+                             f"{bottom[2].shape} ({self.num_priors} priors) vs loc {bottom[0].shape} "
+                             f"({self.num_loc_classes} location class(es))")
+        if self.num_priors * self.num_classes != bottom[1].channels:
+            raise self.error(f"number of priors must match number of confidence predictions: priors "
+                             f"{bottom[2].shape} ({self.num_priors} priors) vs conf {bottom[1].shape} "
+                             f"({self.num_classes} classes)")
+        if bottom[2].count() < 2 * self.num_priors * 4:
+            raise self.error(f"priors {bottom[2].shape} must hold boxes and variances (2 channels)")
+        top[0].reshape((1, 1, 1, 7))
+
+    # ----------------------------------------------------------------- forward
+    def decode(self, loc: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """Decoded boxes ``[N, L, P, 4]`` from loc ``[N, P*L*4]`` and priors ``[1, 2, P*4]``."""
+        n, p, nl = loc.shape[0], self.num_priors, self.num_loc_classes
+        loc = loc.reshape(n, p, nl, 4).transpose(1, 2)
+        pr = prior.reshape(-1)[: 2 * p * 4].reshape(2, p, 4)
+        out = decode_boxes(loc, pr[0], pr[1], code_type=self.code_type,
+                              variance_encoded_in_target=self.variance_encoded, normalized=self.normalized)
+        if self.clip:
+            out = out.clamp(0.0, 1.0)
+        return out
+
+    def detect(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        """The output rows ``[D, 7]`` (before the empty-output convention)."""
+        n, p = loc.shape[0], self.num_priors
+        decoded = self.decode(loc, prior)                        # [N, L, P, 4]
+        labels = torch.tensor(self.labels_kept, dtype=torch.long, device=loc.device)
+        scores = conf.reshape(n, p, self.num_classes)[:, :, labels].transpose(1, 2)  # [N, C', P]
+        if self.share_location:
+            boxes = decoded[:, :1].expand(n, len(self.labels_kept), p, 4)
+        else:
+            boxes = decoded[:, labels]
+        c = len(self.labels_kept)
+        keep, order, sorted_scores = batched_nms(
+            boxes.reshape(n * c, p, 4), scores.reshape(n * c, p), self.nms_threshold,
+            score_threshold=self.confidence_threshold, top_k=self.top_k, eta=self.eta,
+            normalized=self.normalized)
+        k = keep.shape[1]
+        keep = keep.reshape(n, c, k)
+        sorted_scores = sorted_scores.reshape(n, c, k)
+        if self.keep_top_k > -1:
+            counts = keep.sum(dim=(1, 2))
+            over = counts > self.keep_top_k
+            if bool(over.any()):
+                flat = torch.where(keep, sorted_scores, torch.full_like(sorted_scores, -math.inf)).reshape(n, -1)
+                top_idx = flat.topk(min(self.keep_top_k, flat.shape[1]), dim=1).indices
+                best = torch.zeros_like(keep.reshape(n, -1)).scatter_(1, top_idx, True).reshape(n, c, k)
+                keep = torch.where(over[:, None, None], keep & best, keep)
+        img, cls, pos = keep.nonzero(as_tuple=True)
+        prior_idx = order.reshape(n, c, k)[img, cls, pos]
+        box = boxes[img, cls, prior_idx]
+        dt = loc.dtype
+        return torch.cat([img.to(dt)[:, None], labels[cls].to(dt)[:, None],
+                          sorted_scores[img, cls, pos][:, None], box], dim=1)
+
+    def forward(self, bottom, top):
+        n = bottom[0].num
+        rows = self.detect(bottom[0].data_t.reshape(n, -1), bottom[1].data_t.reshape(n, -1), bottom[2].data_t)
+        if self.need_save:
+            self._save(rows, n)
+        if rows.shape[0] == 0:
+            log.info("Couldn't find any detections")
+            rows = torch.full((n, 7), -1.0, dtype=self.dtype, device=self.device)
+            rows[:, 0] = torch.arange(n, dtype=self.dtype, device=self.device)
+            top[0].reshape((1, 1, n, 7))
+            top[0].data_t = rows.reshape(1, 1, n, 7)
+        else:
+            top[0].reshape((1, 1, rows.shape[0], 7))
+            top[0].data_t = rows.reshape(1, 1, -1, 7)
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # forward only, as in the fork
+
+    # ----------------------------------------------------------- saving results
+    def _setup_save(self, sp) -> None:
+        self.output_directory = sp.output_directory
+        self.output_name_prefix = sp.output_name_prefix
+        self.output_format = sp.output_format
+        self.need_save = bool(self.output_directory)
+        if self.output_directory:
+            os.makedirs(self.output_directory, exist_ok=True)
+        self.label_to_name: dict[int, str] = {}
+        if sp.HasField("label_map_file") and sp.label_map_file:
+            try:
+                label_map = read_text(sp.label_map_file, caffe_pb2.LabelMap())
+            except (OSError, ProtoFileError) as e:
+                raise self.error(f"failed to read label map file {sp.label_map_file!r}: {e}") from e
+            for item in label_map.item:
+                if item.label in self.label_to_name:
+                    raise self.error(f"label map {sp.label_map_file!r}: duplicate label {item.label}")
+                self.label_to_name[item.label] = item.name
+        else:
+            if sp.HasField("label_map_file"):
+                log.warning("Provide label_map_file if output results to files.")
+            self.need_save = False
+        self.names: list[str] = []
+        self.sizes: list[tuple[int, int]] = []
+        if sp.HasField("name_size_file") and sp.name_size_file:
+            try:
+                with open(sp.name_size_file) as f:
+                    tokens = f.read().split()
+            except OSError as e:
+                raise self.error(f"failed to open name size file {sp.name_size_file!r}: {e}") from e
+            for i in range(0, len(tokens) - 2, 3):
+                self.names.append(tokens[i])
+                self.sizes.append((int(tokens[i + 1]), int(tokens[i + 2])))
+            self.num_test_image = int(sp.num_test_image) if sp.HasField("num_test_image") else len(self.names)
+            if self.num_test_image > len(self.names):
+                raise self.error(f"num_test_image {self.num_test_image} exceeds the {len(self.names)} names in "
+                                 f"{sp.name_size_file!r}")
+        else:
+            if sp.HasField("name_size_file"):
+                log.warning("Provide name_size_file if output results to files.")
+            self.need_save = False
+        self.resize = sp.resize_param if sp.HasField("resize_param") else None
+        if self.need_save:
+            if self.output_format not in ("VOC", "COCO", "ILSVRC"):
+                raise self.error(f"save_output_param.output_format {self.output_format!r} is not supported "
+                                 "(VOC, COCO or ILSVRC)")
+            if self.resize is not None and \
+                    self.resize.resize_mode == caffe_pb2.ResizeParameter.FIT_LARGE_SIZE_AND_PAD:
+                raise self.error("save_output_param.resize_param FIT_LARGE_SIZE_AND_PAD is not supported")
+        self.name_count = 0
+        self.detections: list[dict] = []
+
+    def _output_box(self, box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """The fork's OutputBBox: clip to [0, 1] and scale to the original image size."""
+        h, w = size
+        r = self.resize
+        if r is not None and r.resize_mode == caffe_pb2.ResizeParameter.FIT_SMALL_SIZE \
+                and r.height_scale and r.width_scale:
+            out = box * np.array([r.width_scale, r.height_scale] * 2, "f4")
+            return np.minimum(np.maximum(out, 0), np.array([w, h, w, h], "f4"))
+        return np.clip(box, 0, 1) * np.array([w, h, w, h], "f4")
+
+    def _save(self, rows: torch.Tensor, num: int) -> None:
+        rows = rows.detach().cpu().numpy().astype("f4")
+        for i in range(num):
+            if self.name_count >= len(self.names):
+                raise self.error(f"more images than names in the name size file ({len(self.names)})")
+            for r in rows[rows[:, 0] == i]:
+                label = int(r[1])
+                if label not in self.label_to_name:
+                    raise self.error(f"Cannot find label: {label} in the label map.")
+                b = self._output_box(r[3:7], self.sizes[self.name_count])
+                bbox = [round(float(b[0]) * 100) / 100, round(float(b[1]) * 100) / 100,
+                        round(float(b[2] - b[0]) * 100) / 100, round(float(b[3] - b[1]) * 100) / 100]
+                self.detections.append({
+                    "image_id": self.names[self.name_count],
+                    "category_id": label if self.output_format == "ILSVRC" else self.label_to_name[label],
+                    "bbox": bbox, "score": float(r[2])})
+            self.name_count += 1
+            if self.name_count % self.num_test_image == 0:
+                self._write_files()
+                self.name_count = 0
+                self.detections = []
+
+    def _write_files(self) -> None:
+        d, prefix = self.output_directory, self.output_name_prefix
+        if self.output_format == "VOC":
+            names = [self.label_to_name[c] for c in range(self.num_classes)
+                     if c != self.background and c in self.label_to_name]
+            files = {nm: open(os.path.join(d, prefix + nm + ".txt"), "w") for nm in names}
+            try:
+                for det in self.detections:
+                    f = files.get(det["category_id"])
+                    if f is None:
+                        continue
+                    x, y, bw, bh = (int(v) for v in det["bbox"])
+                    f.write(f"{det['image_id']} {det['score']:g} {x} {y} {x + bw} {y + bh}\n")
+            finally:
+                for f in files.values():
+                    f.close()
+        elif self.output_format == "COCO":
+            with open(os.path.join(d, prefix + ".json"), "w") as f:
+                json.dump(self.detections, f, indent=2)
+                f.write("\n")
+        else:  # ILSVRC
+            with open(os.path.join(d, prefix + ".txt"), "w") as f:
+                for det in self.detections:
+                    x, y, bw, bh = (int(v) for v in det["bbox"])
+                    f.write(f"{det['image_id']} {det['category_id']} {det['score']:g} "
+                            f"{x} {y} {x + bw} {y + bh}\n")
