@@ -22,21 +22,23 @@ from ..proto import caffe_pb2
 log = get_logger(__name__)
 
 FLT_MAX = 3.4028234663852886e38
-CodeType = caffe_pb2.PriorBoxParameter
 
 
 # --------------------------------------------------------------------------- box helpers
+# decode_boxes, pairwise_iou and batched_nms depend on torch only: the torch exporter copies their
+# source into generated modules (export/detection_ops.py).
 def decode_boxes(loc: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.Tensor, *, code_type: int,
                  variance_encoded_in_target: bool = False, normalized: bool = True) -> torch.Tensor:
     """SSD's DecodeBBox on tensors: ``loc [..., P, 4]`` against ``prior_boxes``/``prior_var``
-    ``[P, 4]``. ``normalized`` false is OpenCV's pixel convention (prior width + 1 for CENTER_SIZE)."""
+    ``[P, 4]``; ``code_type`` as PriorBoxParameter.CodeType (1 CORNER, 2 CENTER_SIZE, 3 CORNER_SIZE).
+    ``normalized`` false is OpenCV's pixel convention (prior width + 1 for CENTER_SIZE)."""
     v = torch.ones_like(prior_var) if variance_encoded_in_target else prior_var
     d = loc * v
     px0, py0, px1, py1 = prior_boxes.unbind(-1)
-    if code_type == CodeType.CORNER:
+    if code_type == 1:  # CORNER
         return prior_boxes + d
     pw, ph = px1 - px0, py1 - py0
-    if code_type == CodeType.CENTER_SIZE:
+    if code_type == 2:  # CENTER_SIZE
         if not normalized:
             pw, ph = pw + 1, ph + 1
             pcx, pcy = px0 + pw * 0.5, py0 + ph * 0.5
@@ -47,7 +49,7 @@ def decode_boxes(loc: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.
         w = torch.exp(d[..., 2]) * pw
         h = torch.exp(d[..., 3]) * ph
         return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
-    if code_type == CodeType.CORNER_SIZE:
+    if code_type == 3:  # CORNER_SIZE
         scale = torch.stack([pw, ph, pw, ph], dim=-1)
         return prior_boxes + d * scale
     raise ValueError(f"unknown code_type {code_type}")
@@ -85,13 +87,14 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, nms_threshold: float,
     busiest row, never per candidate.
     """
     r, p = scores.shape
-    masked = torch.where(scores > score_threshold, scores, torch.full_like(scores, -math.inf))
+    inf = float("inf")
+    masked = torch.where(scores > score_threshold, scores, torch.full_like(scores, -inf))
     vals, order = torch.sort(masked, dim=1, descending=True, stable=True)
-    k = int((vals > -math.inf).sum(dim=1).max()) if r and p else 0
+    k = int((vals > -inf).sum(dim=1).max()) if r and p else 0
     if top_k > -1:
         k = min(k, top_k)
     vals, order = vals[:, :k], order[:, :k]
-    valid = vals > -math.inf
+    valid = vals > -inf
     keep = torch.zeros_like(valid)
     if k == 0:
         return keep, order, vals
@@ -115,6 +118,54 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, nms_threshold: float,
             threshold = torch.where(active & (threshold > 0.5), threshold * eta, threshold)
         remaining &= worst <= threshold[:, None]
     return keep, order, vals
+
+
+def ssd_detections(loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *, num_classes: int,
+                   share_location: bool, labels: list, code_type: int, variance_encoded_in_target: bool,
+                   normalized: bool, clip: bool, nms_threshold: float, confidence_threshold: float, top_k: int,
+                   eta: float, keep_top_k: int) -> torch.Tensor:
+    """SSD's DetectionOutput forward: rows ``[D, 7]`` in the fork's order, from loc ``[N, P*L*4]``,
+    conf ``[N, P*num_classes]`` and priors ``[1, 2, P*4]``; ``labels`` are the classes other than
+    the background, ascending."""
+    n = loc.shape[0]
+    p = prior.numel() // 8
+    nl = 1 if share_location else num_classes
+    pr = prior.reshape(-1)[: 2 * p * 4].reshape(2, p, 4)
+    decoded = decode_boxes(loc.reshape(n, p, nl, 4).transpose(1, 2), pr[0], pr[1], code_type=code_type,
+                           variance_encoded_in_target=variance_encoded_in_target, normalized=normalized)
+    if clip:
+        decoded = decoded.clamp(0.0, 1.0)                                   # [N, L, P, 4]
+    lab = torch.tensor(labels, dtype=torch.long, device=loc.device)
+    c = len(labels)
+    scores = conf.reshape(n, p, num_classes)[:, :, lab].transpose(1, 2)      # [N, C', P]
+    boxes = decoded[:, :1].expand(n, c, p, 4) if share_location else decoded[:, lab]
+    keep, order, sorted_scores = batched_nms(
+        boxes.reshape(n * c, p, 4), scores.reshape(n * c, p), nms_threshold,
+        score_threshold=confidence_threshold, top_k=top_k, eta=eta, normalized=normalized)
+    k = keep.shape[1]
+    keep = keep.reshape(n, c, k)
+    sorted_scores = sorted_scores.reshape(n, c, k)
+    if keep_top_k > -1:
+        over = keep.sum(dim=(1, 2)) > keep_top_k
+        if bool(over.any()):
+            inf = float("inf")
+            flat = torch.where(keep, sorted_scores, torch.full_like(sorted_scores, -inf)).reshape(n, -1)
+            best_idx = flat.topk(min(keep_top_k, flat.shape[1]), dim=1).indices
+            best = torch.zeros_like(keep.reshape(n, -1)).scatter_(1, best_idx, True).reshape(n, c, k)
+            keep = torch.where(over[:, None, None], keep & best, keep)
+    img, cls, pos = keep.nonzero(as_tuple=True)
+    box = boxes[img, cls, order.reshape(n, c, k)[img, cls, pos]]
+    dt = loc.dtype
+    return torch.cat([img.to(dt)[:, None], lab[cls].to(dt)[:, None], sorted_scores[img, cls, pos][:, None], box],
+                     dim=1)
+
+
+def ssd_empty_convention(rows: torch.Tensor, num: int) -> torch.Tensor:
+    """``[1, 1, D, 7]``; with no detection at all, one row ``[i, -1, -1, -1, -1, -1, -1]`` per image."""
+    if rows.shape[0] == 0:
+        rows = torch.full((num, 7), -1.0, dtype=rows.dtype, device=rows.device)
+        rows[:, 0] = torch.arange(num, dtype=rows.dtype, device=rows.device)
+    return rows.reshape(1, 1, -1, 7)
 
 
 @register("PriorBox")
@@ -336,64 +387,26 @@ class DetectionOutputLayer(Layer):
         top[0].reshape((1, 1, 1, 7))
 
     # ----------------------------------------------------------------- forward
-    def decode(self, loc: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """Decoded boxes ``[N, L, P, 4]`` from loc ``[N, P*L*4]`` and priors ``[1, 2, P*4]``."""
-        n, p, nl = loc.shape[0], self.num_priors, self.num_loc_classes
-        loc = loc.reshape(n, p, nl, 4).transpose(1, 2)
-        pr = prior.reshape(-1)[: 2 * p * 4].reshape(2, p, 4)
-        out = decode_boxes(loc, pr[0], pr[1], code_type=self.code_type,
-                              variance_encoded_in_target=self.variance_encoded, normalized=self.normalized)
-        if self.clip:
-            out = out.clamp(0.0, 1.0)
-        return out
-
-    def detect(self, loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        """The output rows ``[D, 7]`` (before the empty-output convention)."""
-        n, p = loc.shape[0], self.num_priors
-        decoded = self.decode(loc, prior)                        # [N, L, P, 4]
-        labels = torch.tensor(self.labels_kept, dtype=torch.long, device=loc.device)
-        scores = conf.reshape(n, p, self.num_classes)[:, :, labels].transpose(1, 2)  # [N, C', P]
-        if self.share_location:
-            boxes = decoded[:, :1].expand(n, len(self.labels_kept), p, 4)
-        else:
-            boxes = decoded[:, labels]
-        c = len(self.labels_kept)
-        keep, order, sorted_scores = batched_nms(
-            boxes.reshape(n * c, p, 4), scores.reshape(n * c, p), self.nms_threshold,
-            score_threshold=self.confidence_threshold, top_k=self.top_k, eta=self.eta,
-            normalized=self.normalized)
-        k = keep.shape[1]
-        keep = keep.reshape(n, c, k)
-        sorted_scores = sorted_scores.reshape(n, c, k)
-        if self.keep_top_k > -1:
-            counts = keep.sum(dim=(1, 2))
-            over = counts > self.keep_top_k
-            if bool(over.any()):
-                flat = torch.where(keep, sorted_scores, torch.full_like(sorted_scores, -math.inf)).reshape(n, -1)
-                top_idx = flat.topk(min(self.keep_top_k, flat.shape[1]), dim=1).indices
-                best = torch.zeros_like(keep.reshape(n, -1)).scatter_(1, top_idx, True).reshape(n, c, k)
-                keep = torch.where(over[:, None, None], keep & best, keep)
-        img, cls, pos = keep.nonzero(as_tuple=True)
-        prior_idx = order.reshape(n, c, k)[img, cls, pos]
-        box = boxes[img, cls, prior_idx]
-        dt = loc.dtype
-        return torch.cat([img.to(dt)[:, None], labels[cls].to(dt)[:, None],
-                          sorted_scores[img, cls, pos][:, None], box], dim=1)
-
     def forward(self, bottom, top):
         n = bottom[0].num
-        rows = self.detect(bottom[0].data_t.reshape(n, -1), bottom[1].data_t.reshape(n, -1), bottom[2].data_t)
+        rows = ssd_detections(bottom[0].data_t.reshape(n, -1), bottom[1].data_t.reshape(n, -1), bottom[2].data_t,
+                              **self.options())
         if self.need_save:
             self._save(rows, n)
         if rows.shape[0] == 0:
             log.info("Couldn't find any detections")
-            rows = torch.full((n, 7), -1.0, dtype=self.dtype, device=self.device)
-            rows[:, 0] = torch.arange(n, dtype=self.dtype, device=self.device)
-            top[0].reshape((1, 1, n, 7))
-            top[0].data_t = rows.reshape(1, 1, n, 7)
-        else:
-            top[0].reshape((1, 1, rows.shape[0], 7))
-            top[0].data_t = rows.reshape(1, 1, -1, 7)
+        out = ssd_empty_convention(rows, n)
+        top[0].reshape(tuple(out.shape))
+        top[0].data_t = out
+
+    def options(self) -> dict:
+        """The keyword arguments of :func:`ssd_detections` (also used by the exporters)."""
+        return dict(num_classes=self.num_classes, share_location=self.share_location,
+                    labels=self.labels_kept, code_type=int(self.code_type),
+                    variance_encoded_in_target=self.variance_encoded, normalized=self.normalized,
+                    clip=self.clip, nms_threshold=self.nms_threshold,
+                    confidence_threshold=self.confidence_threshold, top_k=self.top_k, eta=self.eta,
+                    keep_top_k=self.keep_top_k)
 
     def backward(self, top, propagate_down, bottom):
         pass  # forward only, as in the fork
