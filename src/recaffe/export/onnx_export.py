@@ -468,6 +468,16 @@ def _argmax(b, n):
 
 
 # ------------------------------------------------------------------------------ the model
+def _output_dims(graph: ExportGraph, name: str, shape) -> list:
+    """The declared output shape; a node with attrs["dynamic_axis"] (DetectionOutput's rows) leaves
+    that axis symbolic."""
+    dims = list(shape)
+    for node in graph.nodes:
+        if name in node.outputs and "dynamic_axis" in node.attrs:
+            dims[node.attrs["dynamic_axis"]] = f"{name}_rows"
+    return dims
+
+
 def to_onnx(graph: ExportGraph):
     """The ONNX ModelProto of an export graph (checked with onnx.checker)."""
     onnx, helper, _ = _onnx()
@@ -482,7 +492,8 @@ def to_onnx(graph: ExportGraph):
     g = helper.make_graph(
         b.nodes, graph.name,
         [helper.make_tensor_value_info(name, elem, list(shape)) for name, shape in graph.inputs],
-        [helper.make_tensor_value_info(name, elem, list(shape)) for name, shape in graph.outputs],
+        [helper.make_tensor_value_info(name, elem, _output_dims(graph, name, shape))
+         for name, shape in graph.outputs],
         initializer=b.initializers)
     opset = helper.make_opsetid("", OPSET)
     model = helper.make_model(g, opset_imports=[opset], producer_name="recaffe",
