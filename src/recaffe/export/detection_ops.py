@@ -188,11 +188,12 @@ def _onnx_detection_output(b, n):
     per_img = _reshape_to(b, n, dense, [num, c * k])
     keep = b.op(n, "Greater", [per_img, neg])
     if -1 < a["keep_top_k"] < c * k:
-        kth_vals, _ = b.op(n, "TopK", [per_img, b.ints([a["keep_top_k"]], f"{n.layer}_keeptopk")], n_out=2,
-                           axis=1, largest=1, sorted=1)
-        kth = b.op(n, "Slice", [kth_vals, b.ints([a["keep_top_k"] - 1], f"{n.layer}_k0"),
-                                b.ints([a["keep_top_k"]], f"{n.layer}_k1"), b.ints([1], f"{n.layer}_k2")])
-        keep = b.op(n, "And", [keep, b.op(n, "GreaterOrEqual", [per_img, kth])])
+        # the keep_top_k best of each image (ties: the lower class and rank first, as the layer)
+        _, best = b.op(n, "TopK", [per_img, b.ints([a["keep_top_k"]], f"{n.layer}_keeptopk")], n_out=2,
+                       axis=1, largest=1, sorted=1)
+        chosen = b.op(n, "ScatterElements", [b.const(np.zeros((num, c * k)), f"{n.layer}_zeros2"), best,
+                                             b.const(np.ones((num, a["keep_top_k"])), f"{n.layer}_ones2")], axis=1)
+        keep = b.op(n, "And", [keep, b.op(n, "Greater", [chosen, b.scalar(0.0, f"{n.layer}_zero2")])])
     where = b.op(n, "Transpose", [b.op(n, "NonZero", [_reshape_to(b, n, keep, [num, c, k])])], perm=[1, 0])
     score = b.op(n, "GatherND", [_reshape_to(b, n, dense, [num, c, k]), where])
     box = b.op(n, "GatherND", [_reshape_to(b, n, cand, [num, c, k, 4]), where])

@@ -150,7 +150,8 @@ def ssd_detections(loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *
         if bool(over.any()):
             inf = float("inf")
             flat = torch.where(keep, sorted_scores, torch.full_like(sorted_scores, -inf)).reshape(n, -1)
-            best_idx = flat.topk(min(keep_top_k, flat.shape[1]), dim=1).indices
+            # ties: the lower (class, rank) first, as ONNX TopK (the fork's std::sort leaves them unspecified)
+            best_idx = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :keep_top_k]
             best = torch.zeros_like(keep.reshape(n, -1)).scatter_(1, best_idx, True).reshape(n, c, k)
             keep = torch.where(over[:, None, None], keep & best, keep)
     img, cls, pos = keep.nonzero(as_tuple=True)
