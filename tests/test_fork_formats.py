@@ -118,3 +118,21 @@ def test_unsupported_fork_field_names_file_line_and_fork():
         parse_text(text, caffe_pb2.NetParameter(), filename="deeplab_crf.prototxt")
     msg = str(e.value)
     assert "deeplab_crf.prototxt:5" in msg and "DeepLab" in msg
+
+
+def test_fork_param_that_breaks_the_full_parse_still_gives_the_weights(tmp_path):
+    # a fork's message under 137 (BVLC's embed_param) whose bytes are not an EmbedParameter: a
+    # truncated varint inside makes the full parse fail; names, types and blobs still load.
+    bad = field(137, 2, b"\x08\xff")
+    data = net_bytes(layer_bytes("up", "SomeForkType", bad), layer_bytes("fc", "InnerProduct"))
+    with pytest.raises(Exception):
+        caffe_pb2.NetParameter().ParseFromString(data)
+    net = read(tmp_path, data)
+    assert [(l.name, l.type) for l in net.layer] == [("up", "SomeForkType"), ("fc", "InnerProduct")]
+    assert list(net.layer[1].blobs[0].data) == [1.5, -2.0]
+
+
+def test_truncated_caffemodel_is_still_an_error(tmp_path):
+    data = net_bytes(layer_bytes("fc", "InnerProduct"))
+    with pytest.raises(ProtoFileError, match="truncated"):
+        read(tmp_path, data[:-3])
