@@ -266,7 +266,23 @@ def proto_shape(proto: caffe_pb2.BlobProto) -> tuple[int, ...]:
     return tuple(proto.shape.dim)
 
 
+# NVCaffe's BlobProto.raw_data_type -> the little-endian numpy type of raw_data's bytes.
+_RAW_DTYPES = {caffe_pb2.FLOAT16: "<f2", caffe_pb2.FLOAT: "<f4", caffe_pb2.DOUBLE: "<f8"}
+
+
 def _proto_values(proto: caffe_pb2.BlobProto, which: str) -> np.ndarray | None:
+    raw = getattr(proto, "raw_" + which)
+    if raw:  # NVCaffe: fp16 (or fp32/fp64) bytes; widened to the blob's dtype by the caller
+        kind = getattr(proto, f"raw_{which}_type")
+        if kind not in _RAW_DTYPES:
+            name = caffe_pb2.Type.Name(kind) if kind in caffe_pb2.Type.values() else str(kind)
+            raise ValueError(f"blob proto stores raw_{which} of type {name}; only FLOAT16, FLOAT "
+                             "and DOUBLE are weights")
+        dtype = np.dtype(_RAW_DTYPES[kind])
+        if len(raw) % dtype.itemsize:
+            raise ValueError(f"blob proto's raw_{which} has {len(raw)} bytes, not a whole number of "
+                             f"{caffe_pb2.Type.Name(kind)} values")
+        return np.frombuffer(raw, dtype=dtype).astype(np.float64 if dtype.itemsize == 8 else np.float32)
     doubles = getattr(proto, "double_" + which)
     if len(doubles):
         return np.asarray(doubles, dtype=np.float64)

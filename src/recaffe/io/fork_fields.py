@@ -197,3 +197,58 @@ def _merge_renumbered(target, field, renumber: dict[int, int]) -> None:
         setattr(target, desc.name, struct.unpack("<f", struct.pack("<I", field.data))[0])
     elif field.wire_type == 0:  # varint: bool or enum
         setattr(target, desc.name, bool(field.data) if desc.type == desc.TYPE_BOOL else field.data)
+
+
+# ------------------------------------------------------------------ weights-only reading
+_WEIGHTS_ONLY = None
+
+
+def weights_only_net_class():
+    """A NetParameter that knows only what weights need: layer names, types, bottoms/tops and blobs
+    (V2 ``layer`` 100 and V1 ``layers`` 2). Every other field stays unparsed, so a fork's param under
+    a number BVLC uses for another message cannot make the file unreadable."""
+    global _WEIGHTS_ONLY
+    if _WEIGHTS_ONLY is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        f = descriptor_pb2.FileDescriptorProto(name="recaffe_weights_only.proto", package="recaffe_weights",
+                                               dependency=["caffe.proto"], syntax="proto2")
+        T = descriptor_pb2.FieldDescriptorProto
+        opt, rep = T.LABEL_OPTIONAL, T.LABEL_REPEATED
+
+        def message(name, fields):
+            m = f.message_type.add(name=name)
+            for fname, number, label, ftype, type_name in fields:
+                m.field.add(name=fname, number=number, label=label, type=ftype, type_name=type_name)
+
+        blob = ".caffe.BlobProto"
+        message("Layer", [("name", 1, opt, T.TYPE_STRING, None), ("type", 2, opt, T.TYPE_STRING, None),
+                          ("bottom", 3, rep, T.TYPE_STRING, None), ("top", 4, rep, T.TYPE_STRING, None),
+                          ("blobs", 7, rep, T.TYPE_MESSAGE, blob)])
+        message("V1Layer", [("bottom", 2, rep, T.TYPE_STRING, None), ("top", 3, rep, T.TYPE_STRING, None),
+                            ("name", 4, opt, T.TYPE_STRING, None), ("type", 5, opt, T.TYPE_INT32, None),
+                            ("blobs", 6, rep, T.TYPE_MESSAGE, blob)])
+        message("Net", [("name", 1, opt, T.TYPE_STRING, None),
+                        ("layer", 100, rep, T.TYPE_MESSAGE, ".recaffe_weights.Layer"),
+                        ("layers", 2, rep, T.TYPE_MESSAGE, ".recaffe_weights.V1Layer")])
+        pool = descriptor_pool.Default()
+        try:
+            pool.FindFileByName(f.name)
+        except KeyError:
+            pool.Add(f)
+        _WEIGHTS_ONLY = message_factory.GetMessageClass(pool.FindMessageTypeByName("recaffe_weights.Net"))
+    return _WEIGHTS_ONLY
+
+
+def weights_only_to_net(w) -> caffe_pb2.NetParameter:
+    """The NetParameter holding just the names, types, bottoms/tops and blobs of a weights-only parse."""
+    net = caffe_pb2.NetParameter(name=w.name)
+    for src in w.layer:
+        dst = net.layer.add(name=src.name, type=src.type, bottom=src.bottom, top=src.top)
+        dst.blobs.extend(src.blobs)
+    for src in w.layers:
+        dst = net.layers.add(name=src.name, bottom=src.bottom, top=src.top)
+        if src.type in caffe_pb2.V1LayerParameter.LayerType.values():
+            dst.type = src.type
+        dst.blobs.extend(src.blobs)
+    return net

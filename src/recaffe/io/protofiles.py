@@ -45,8 +45,18 @@ def parse_text(text: str, msg: M, filename: str = "<string>") -> M:
         if line is not None and detail.startswith(f"{line}:"):
             detail = detail.split(" : ", 1)[-1]
         where = f"{filename}:{line}:{col}" if line is not None else filename
-        raise ProtoFileError(f"{where}: {detail}") from None
+        raise ProtoFileError(f"{where}: {detail}{_fork_hint(detail)}") from None
     return msg
+
+
+def _fork_hint(detail: str) -> str:
+    """For an unknown field that one of Caffe's forks defines, say which fork (docs/forks.md)."""
+    if 'has no field named "' not in detail:
+        return ""
+    from .fork_fields import fork_of_field
+
+    fork = fork_of_field(detail.split('has no field named "', 1)[1].split('"', 1)[0])
+    return f" (a field of {fork}, which recaffe does not support; see docs/forks.md)" if fork else ""
 
 
 def read_binary(path: str | os.PathLike, msg: M, what: str | None = None) -> M:
