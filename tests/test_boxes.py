@@ -81,3 +81,22 @@ def test_score_order_is_stable_and_cut():
 
 def test_nms_of_nothing():
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.8])
+@pytest.mark.parametrize("pixel", [False, True])
+def test_batched_nms_matches_nms_per_row(eta, pixel):
+    from recaffe.boxes import batched_nms
+    rng = np.random.default_rng(11)
+    rows = [random_boxes(rng, 30, pixel) for _ in range(5)]
+    boxes = torch.tensor(np.stack(rows))
+    scores = torch.tensor(rng.uniform(0, 1, (5, 30)))
+    scores[2] = 0.0  # a row without candidates
+    scores[3, :10] = 0.5  # ties keep index order
+    keep, order, vals = batched_nms(boxes, scores, 0.6, score_threshold=0.1, top_k=20, eta=eta, pixel=pixel)
+    assert keep.shape == order.shape == vals.shape
+    for r in range(5):
+        got = order[r][keep[r]].tolist()
+        want = reference_nms(rows[r], scores[r].tolist(), 0.6, 0.1, 20, eta, pixel)
+        assert got == want
+        assert got == nms(boxes[r], scores[r], 0.6, score_threshold=0.1, top_k=20, eta=eta, pixel=pixel).tolist()

@@ -28,16 +28,18 @@ def box_areas(boxes: torch.Tensor, pixel: bool = False) -> torch.Tensor:
 
 
 def iou_matrix(a: torch.Tensor, b: torch.Tensor, pixel: bool = False) -> torch.Tensor:
-    """``[n, m]`` Jaccard overlaps of boxes ``a [n, 4]`` and ``b [m, 4]`` (SSD's JaccardOverlap)."""
+    """``[..., n, m]`` Jaccard overlaps of boxes ``a [..., n, 4]`` and ``b [..., m, 4]`` (SSD's
+    JaccardOverlap); leading dimensions broadcast (one matrix per image/class row)."""
     one = 1.0 if pixel else 0.0
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    a, b = a[..., :, None, :], b[..., None, :, :]
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
     wh = rb - lt + one
     # boxes that do not intersect (SSD tests xmin > xmax of the other, strictly) overlap 0
-    disjoint = ((b[None, :, 0] > a[:, None, 2]) | (b[None, :, 2] < a[:, None, 0])
-                | (b[None, :, 1] > a[:, None, 3]) | (b[None, :, 3] < a[:, None, 1]))
+    disjoint = ((b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0])
+                | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1]))
     inter = torch.where(disjoint, torch.zeros_like(wh[..., 0]), wh[..., 0] * wh[..., 1])
-    union = box_areas(a, pixel)[:, None] + box_areas(b, pixel)[None, :] - inter
+    union = box_areas(a, pixel) + box_areas(b, pixel) - inter
     return torch.where(inter > 0, inter / union, torch.zeros_like(inter))
 
 
@@ -87,3 +89,55 @@ def _sequential_keep(overlaps: torch.Tensor, threshold: float, eta: float) -> to
             if threshold > 0.5:
                 threshold *= eta
     return torch.tensor(kept, dtype=torch.long, device=overlaps.device)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, *,
+                score_threshold: float | None = None, top_k: int = -1, eta: float = 1.0,
+                pixel: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`nms` on R independent rows at once (SSD's per image and class NMS):
+    ``boxes [R, P, 4]``, ``scores [R, P]``.
+
+    Returns ``keep [R, K]`` (bool), ``order [R, K]`` (the candidates' indices into P, by descending
+    score; ties keep index order) and their ``scores [R, K]``, K being the most candidates of any
+    row (at most ``top_k``). With ``eta == 1`` the fixed point of :func:`nms` runs on all rows at
+    once; with ``eta < 1`` the loop runs once per *kept* box of the busiest row (the next kept box of
+    each row is its first candidate that no kept box suppresses at the current threshold).
+    """
+    r, p = scores.shape
+    inf = float("inf")
+    if score_threshold is not None:
+        scores = torch.where(scores > score_threshold, scores, torch.full_like(scores, -inf))
+    vals, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    k = int((vals > -inf).sum(dim=1).max()) if r and p else 0
+    if top_k >= 0:
+        k = min(k, top_k)
+    vals, order = vals[:, :k], order[:, :k]
+    valid = vals > -inf
+    if k == 0:
+        return valid, order, vals
+    cand = boxes.gather(1, order.unsqueeze(-1).expand(r, k, 4))
+    chunk = max(1, (1 << 25) // (k * k))  # IoU matrices of about 128 MiB at most at a time
+    overlaps = torch.cat([iou_matrix(cand[i:i + chunk], cand[i:i + chunk], pixel) for i in range(0, r, chunk)])
+    if eta >= 1.0:
+        s = (torch.triu(overlaps > iou_threshold, diagonal=1) & valid[:, :, None]).to(overlaps.dtype)
+        keep = valid
+        while True:
+            new = valid & ((keep.to(s.dtype).unsqueeze(1) @ s).squeeze(1) == 0)
+            if torch.equal(new, keep):
+                return keep, order, vals
+            keep = new
+    keep = torch.zeros_like(valid)
+    remaining = valid.clone()
+    threshold = torch.full((r,), iou_threshold, dtype=overlaps.dtype, device=overlaps.device)
+    worst = torch.zeros((r, k), dtype=overlaps.dtype, device=overlaps.device)  # max overlap with a kept box
+    rows = torch.arange(r, device=overlaps.device)
+    while True:
+        active = remaining.any(dim=1)
+        if not bool(active.any()):
+            return keep, order, vals
+        first = remaining.to(torch.uint8).argmax(dim=1)
+        keep[rows, first] |= active
+        remaining[rows, first] = False
+        worst = torch.where(active[:, None], torch.maximum(worst, overlaps[rows, first]), worst)
+        threshold = torch.where(active & (threshold > 0.5), threshold * eta, threshold)
+        remaining &= worst <= threshold[:, None]

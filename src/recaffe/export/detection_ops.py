@@ -19,6 +19,7 @@ import inspect
 
 import numpy as np
 
+from .. import boxes
 from ..layers import detection as det
 from . import torch_export
 from .graph import ALIAS, Lowered, Param
@@ -216,8 +217,8 @@ def _onnx_detection_output(b, n):
 # ------------------------------------------------------------------------------ torch
 _DETECTION_HELPER = "_ssd_detection_output"
 torch_export._HELPERS[_DETECTION_HELPER] = "\n" + "\n\n".join(
-    inspect.getsource(f) for f in (det.decode_boxes, det.pairwise_iou, det.batched_nms, det.ssd_detections,
-                                   det.ssd_empty_convention)) + f'''
+    inspect.getsource(f) for f in (boxes.box_areas, boxes.iou_matrix, boxes.batched_nms, det.decode_boxes,
+                                   det.ssd_detections, det.ssd_empty_convention)) + f'''
 
 def {_DETECTION_HELPER}(loc, conf, prior, **options):
     """SSD's DetectionOutput (recaffe.layers.detection): [1, 1, D, 7] rows in the fork's order."""

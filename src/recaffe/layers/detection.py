@@ -14,6 +14,7 @@ import os
 import numpy as np
 import torch
 
+from ..boxes import batched_nms
 from ..io.protofiles import ProtoFileError, read_text
 from ..layer import Layer, register
 from ..log import get_logger
@@ -25,8 +26,8 @@ FLT_MAX = 3.4028234663852886e38
 
 
 # --------------------------------------------------------------------------- box helpers
-# decode_boxes, pairwise_iou and batched_nms depend on torch only: the torch exporter copies their
-# source into generated modules (export/detection_ops.py).
+# decode_boxes, ssd_detections and ssd_empty_convention depend on torch (and recaffe.boxes) only:
+# the torch exporter copies their source into generated modules (export/detection_ops.py).
 def decode_boxes(loc: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.Tensor, *, code_type: int,
                  variance_encoded_in_target: bool = False, normalized: bool = True) -> torch.Tensor:
     """SSD's DecodeBBox on tensors: ``loc [..., P, 4]`` against ``prior_boxes``/``prior_var``
@@ -55,71 +56,6 @@ def decode_boxes(loc: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.
     raise ValueError(f"unknown code_type {code_type}")
 
 
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-    """SSD's JaccardOverlap between ``a [..., M, 4]`` and ``b [..., K, 4]`` -> ``[..., M, K]``.
-    Invalid boxes (xmax < xmin or ymax < ymin) have area 0; pixel boxes (``normalized`` false,
-    OpenCV) measure ``(w + 1) * (h + 1)``."""
-    one = 0.0 if normalized else 1.0
-    a, b = a.unsqueeze(-2), b.unsqueeze(-3)
-
-    def area(x):
-        w, h = x[..., 2] - x[..., 0], x[..., 3] - x[..., 1]
-        return torch.where((w < 0) | (h < 0), torch.zeros_like(w), (w + one) * (h + one))
-
-    iw = torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])
-    ih = torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])
-    hit = (iw > 0) & (ih > 0) if normalized else (iw >= 0) & (ih >= 0)
-    inter = (iw + one) * (ih + one)
-    union = area(a) + area(b) - inter
-    return torch.where(hit, inter / torch.where(hit, union, torch.ones_like(union)), torch.zeros_like(inter))
-
-
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, nms_threshold: float, *,
-                score_threshold: float = -FLT_MAX, top_k: int = -1, eta: float = 1.0,
-                normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SSD's ApplyNMSFast on R independent rows at once: ``boxes [R, P, 4]``, ``scores [R, P]``.
-
-    Per row: candidates with score > ``score_threshold``, sorted by descending score (ties keep
-    index order), the first ``top_k``; then greedy suppression where a candidate survives when its
-    IoU with every kept box is <= the adaptive threshold, which is multiplied by ``eta`` after each
-    kept box while it is > 0.5. Returns ``keep [R, K]`` (bool, in sorted order), ``order [R, K]`` (the
-    candidates' indices into P) and their ``scores [R, K]``. The loop runs once per kept box of the
-    busiest row, never per candidate.
-    """
-    r, p = scores.shape
-    inf = float("inf")
-    masked = torch.where(scores > score_threshold, scores, torch.full_like(scores, -inf))
-    vals, order = torch.sort(masked, dim=1, descending=True, stable=True)
-    k = int((vals > -inf).sum(dim=1).max()) if r and p else 0
-    if top_k > -1:
-        k = min(k, top_k)
-    vals, order = vals[:, :k], order[:, :k]
-    valid = vals > -inf
-    keep = torch.zeros_like(valid)
-    if k == 0:
-        return keep, order, vals
-    cand = boxes.gather(1, order.unsqueeze(-1).expand(r, k, 4))
-    chunk = max(1, (1 << 25) // (k * k))
-    iou = torch.cat([pairwise_iou(cand[i:i + chunk], cand[i:i + chunk], normalized)
-                     for i in range(0, r, chunk)])
-    remaining = valid.clone()
-    threshold = torch.full((r,), nms_threshold, dtype=iou.dtype, device=iou.device)
-    worst = torch.zeros((r, k), dtype=iou.dtype, device=iou.device)  # max IoU with a kept box
-    rows = torch.arange(r, device=iou.device)
-    while True:
-        active = remaining.any(dim=1)
-        if not bool(active.any()):
-            break
-        first = remaining.to(torch.uint8).argmax(dim=1)
-        keep[rows, first] |= active
-        remaining[rows, first] = False
-        worst = torch.where(active[:, None], torch.maximum(worst, iou[rows, first]), worst)
-        if eta < 1:
-            threshold = torch.where(active & (threshold > 0.5), threshold * eta, threshold)
-        remaining &= worst <= threshold[:, None]
-    return keep, order, vals
-
-
 def ssd_detections(loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *, num_classes: int,
                    share_location: bool, labels: list, code_type: int, variance_encoded_in_target: bool,
                    normalized: bool, clip: bool, nms_threshold: float, confidence_threshold: float, top_k: int,
@@ -141,7 +77,7 @@ def ssd_detections(loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *
     boxes = decoded[:, :1].expand(n, c, p, 4) if share_location else decoded[:, lab]
     keep, order, sorted_scores = batched_nms(
         boxes.reshape(n * c, p, 4), scores.reshape(n * c, p), nms_threshold,
-        score_threshold=confidence_threshold, top_k=top_k, eta=eta, normalized=normalized)
+        score_threshold=confidence_threshold, top_k=top_k, eta=eta, pixel=not normalized)
     k = keep.shape[1]
     keep = keep.reshape(n, c, k)
     sorted_scores = sorted_scores.reshape(n, c, k)
