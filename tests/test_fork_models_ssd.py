@@ -2,6 +2,8 @@
 face detector, SSD300 VGG) build, run forward with random weights and export: ONNX (onnxruntime)
 and the generated torch module against recaffe, on the heads (loc, conf, priors) and on the
 detections."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,11 @@ from recaffe.net import Net
 from recaffe.proto import caffe_pb2
 from test_export import _random_weights, _session
 
-MODELS = ["mobilenet_ssd", "res10_face_ssd", "ssd300_vgg"]
+# SSD300 (VGG-16 at 300x300, 26M weights: three forwards and an ONNX model of 100 MB, about 20 s on a
+# loaded 2-core machine) runs with RECAFFE_SLOW=1; the other two cover the same layer types.
+MODELS = ["mobilenet_ssd", "res10_face_ssd",
+          pytest.param("ssd300_vgg", marks=[pytest.mark.slow, pytest.mark.skipif(
+              not os.environ.get("RECAFFE_SLOW"), reason="about 20 s; set RECAFFE_SLOW=1")])]
 
 
 @pytest.fixture(autouse=True)
@@ -24,24 +30,20 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
-def _nets(name):
-    """The deploy net with random weights, and the same net without its DetectionOutput (whose
-    outputs are then the heads: loc, conf, priors)."""
+def _net(name):
+    """The deploy net with random weights; the heads that feed DetectionOutput (loc, conf, priors)
+    are made outputs too (through an explicit Split), so one export checks both."""
     param = read_net_text(require_reference("forks", "models", f"{name}.prototxt"))
+    (det,) = [lp for lp in param.layer if lp.type == "DetectionOutput"]
+    for blob in det.bottom:
+        split = param.layer.add(name=f"{blob}_as_output", type="Split")
+        split.bottom.append(blob)
+        split.top.append(f"{blob}_out")
     net = Net(param, caffe_pb2.TEST)
     _random_weights(net)
-    heads = caffe_pb2.NetParameter()
-    heads.CopyFrom(param)
-    del heads.layer[:]
-    heads.layer.extend(lp for lp in param.layer if lp.type != "DetectionOutput")
-    head_net = Net(heads, caffe_pb2.TEST)
-    for lname, blobs in net.params.items():
-        for i, b in enumerate(blobs):
-            head_net.params[lname][i].data[...] = b.data
     x = np.random.default_rng(5).uniform(-1, 1, net.blobs["data"].shape).astype(np.float32)
-    for n in (net, head_net):
-        n.blobs["data"].data[...] = x
-    return net, head_net, x
+    net.blobs["data"].data[...] = x
+    return net, x
 
 
 def _run_exports(net, x, tmp_path):
@@ -57,28 +59,27 @@ def _run_exports(net, x, tmp_path):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_ssd_model_builds_runs_and_exports(name, tmp_path):
-    net, head_net, x = _nets(name)
+    net, x = _net(name)
     types = {layer.type for layer in net.layers}
     assert {"PriorBox", "Permute", "DetectionOutput"} <= types
-    det = net.forward()["detection_out"].copy()
+    ref = {k: v.copy() for k, v in net.forward().items()}
+    det = ref["detection_out"]
+    assert len(ref) == 4
     assert det.shape[:2] == (1, 1) and det.shape[3] == 7 and det.shape[2] >= 1
     rows = det[0, 0]
     assert np.all(np.diff(rows[:, 1]) >= 0)  # one image: labels ascending ...
     for label in np.unique(rows[:, 1]):      # ... then scores descending
         assert np.all(np.diff(rows[rows[:, 1] == label, 2]) <= 0)
 
-    # the heads: every exported value within float tolerance
-    heads = {k: v.copy() for k, v in head_net.forward().items()}
-    graph, onnx_out, torch_out = _run_exports(head_net, x, tmp_path / "heads")
-    assert len(heads) == 3
+    graph, onnx_out, torch_out = _run_exports(net, x, tmp_path)
     for blob, o, t in zip(graph.output_blobs, onnx_out, torch_out):
-        scale = np.abs(heads[blob]).max()
-        np.testing.assert_allclose(o, heads[blob], rtol=1e-4, atol=1e-4 * scale, err_msg=f"onnx {blob}")
-        np.testing.assert_allclose(t, heads[blob], rtol=1e-4, atol=1e-4 * scale, err_msg=f"torch {blob}")
-
-    # the detections: the torch module runs recaffe's own code on the same kernels; onnxruntime
-    # computes the convolutions differently but the decisions are far from the thresholds here
-    _, onnx_out, torch_out = _run_exports(net, x, tmp_path / "full")
-    np.testing.assert_allclose(torch_out[0], det, rtol=1e-5, atol=1e-6)
-    assert onnx_out[0].shape == det.shape
-    np.testing.assert_allclose(onnx_out[0], det, rtol=1e-3, atol=1e-4)
+        if blob == "detection_out":
+            # the torch module runs recaffe's own code on the same kernels; onnxruntime computes the
+            # convolutions differently, but no decision sits near a threshold with these inputs
+            np.testing.assert_allclose(t, det, rtol=1e-5, atol=1e-6)
+            assert o.shape == det.shape
+            np.testing.assert_allclose(o, det, rtol=1e-3, atol=1e-4)
+        else:  # the heads, within float tolerance
+            scale = np.abs(ref[blob]).max()
+            np.testing.assert_allclose(o, ref[blob], rtol=1e-4, atol=1e-4 * scale, err_msg=f"onnx {blob}")
+            np.testing.assert_allclose(t, ref[blob], rtol=1e-4, atol=1e-4 * scale, err_msg=f"torch {blob}")
