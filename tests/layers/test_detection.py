@@ -395,3 +395,39 @@ def test_smooth_l1_errors():
         make_layer('type: "SmoothL1Loss"', [x, x, x])
     with pytest.raises(LayerError, match=r"bottom\[1\] shape \(2, 4\) does not match bottom\[0\] shape \(2, 3\)"):
         make_layer('type: "SmoothL1Loss"', [x, np.ones((2, 4))])
+
+
+# --------------------------------------------------------------------------- DetectionEvaluate
+def test_detection_evaluate_by_hand():
+    gt = np.array([[0, 1, 0, 0.1, 0.1, 0.4, 0.4, 0],
+                   [0, 1, 1, 0.5, 0.5, 0.9, 0.9, 1],   # difficult
+                   [0, 2, 0, 0.2, 0.6, 0.3, 0.8, 0],
+                   [1, 2, 0, 0.0, 0.0, 0.5, 0.5, 0],
+                   [-1, 0, 0, 0, 0, 0, 0, 0],          # the list ends here
+                   [1, 1, 0, 0.0, 0.0, 0.5, 0.5, 0]])[None, None]
+    det = np.array([[0, 1, 0.6, 0.1, 0.1, 0.4, 0.41],  # TP
+                    [0, 1, 0.9, 0.12, 0.1, 0.4, 0.4],  # TP (higher score: matched first)
+                    [0, 1, 0.5, 0.5, 0.5, 0.9, 0.9],   # matches the difficult box: 0 0 when not evaluated
+                    [0, 2, 0.7, 0.6, 0.6, 0.7, 0.7],   # FP: no overlap
+                    [2, 1, 0.8, 0.1, 0.1, 0.2, 0.2],   # image without ground truth: FP
+                    [1, 3, 0.4, 0.0, 0.0, 0.5, 0.5],   # label without ground truth: FP
+                    [-1, -1, -1, -1, -1, -1, -1]])[None, None]
+    text = 'type: "DetectionEvaluate" detection_evaluate_param { num_classes: 4 overlap_threshold: 0.5 %s }'
+    (got,) = forward_layer(text % "evaluate_difficult_gt: false", [det, gt], phase=1)
+    want = [[-1, 1, 1, -1, -1], [-1, 2, 2, -1, -1], [-1, 3, 0, -1, -1],
+            [0, 1, 0.9, 1, 0], [0, 1, 0.6, 0, 1], [0, 1, 0.5, 0, 0], [0, 2, 0.7, 0, 1],
+            [1, 3, 0.4, 0, 1], [2, 1, 0.8, 0, 1]]
+    np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)
+    (got,) = forward_layer(text % "", [det, gt], phase=1)
+    assert got[0, 0, 0].tolist() == [-1, 1, 2, -1, -1]
+    np.testing.assert_allclose(got[0, 0, 5], [0, 1, 0.5, 1, 0], rtol=1e-6)
+
+
+def test_detection_evaluate_errors():
+    det, gt = np.zeros((1, 1, 2, 7)), np.zeros((1, 1, 2, 8))
+    with pytest.raises(LayerError, match="DetectionEvaluate layer 'L': must provide .*num_classes"):
+        make_layer('type: "DetectionEvaluate"', [det, gt])
+    with pytest.raises(LayerError, match=r"ground truth must have shape \[1, 1, G, 8\], got \(1, 1, 2, 7\)"):
+        make_layer('type: "DetectionEvaluate" detection_evaluate_param { num_classes: 3 }', [det, det])
+    with pytest.raises(LayerError, match="background label 0 in the detection results"):
+        forward_layer('type: "DetectionEvaluate" detection_evaluate_param { num_classes: 3 }', [det, gt])

@@ -1,4 +1,4 @@
-"""SSD's detection layers (weiliu89/caffe, branch ssd): PriorBox and DetectionOutput.
+"""SSD's detection layers (weiliu89/caffe, branch ssd): PriorBox, DetectionOutput, DetectionEvaluate.
 
 Boxes are rows ``[xmin, ymin, xmax, ymax]``, normalized to [0, 1] unless OpenCV's
 ``normalized_bbox: false`` says they are pixels (then widths and areas get the ``+ 1`` of pixel
@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from ..boxes import batched_nms
+from ..boxes import batched_nms, iou_matrix
 from ..io.protofiles import ProtoFileError, read_text
 from ..layer import Layer, register
 from ..log import get_logger
@@ -103,6 +103,20 @@ def ssd_empty_convention(rows: torch.Tensor, num: int) -> torch.Tensor:
         rows = torch.full((num, 7), -1.0, dtype=rows.dtype, device=rows.device)
         rows[:, 0] = torch.arange(num, dtype=rows.dtype, device=rows.device)
     return rows.reshape(1, 1, -1, 7)
+
+
+
+def output_bbox(box: np.ndarray, size: tuple[int, int], resize=None) -> np.ndarray:
+    """SSD's OutputBBox: a normalized box ``[4]`` clipped to [0, 1] and scaled to the image
+    ``size`` (height, width); ``resize`` (a ResizeParameter) FIT_SMALL_SIZE with height_scale and
+    width_scale scales by those and clips to the image instead. FIT_LARGE_SIZE_AND_PAD is refused by
+    the layers that take it."""
+    h, w = size
+    if resize is not None and resize.resize_mode == caffe_pb2.ResizeParameter.FIT_SMALL_SIZE \
+            and resize.height_scale and resize.width_scale:
+        out = box * np.array([resize.width_scale, resize.height_scale] * 2, "f4")
+        return np.minimum(np.maximum(out, 0), np.array([w, h, w, h], "f4"))
+    return np.clip(box, 0, 1) * np.array([w, h, w, h], "f4")
 
 
 @register("PriorBox")
@@ -400,16 +414,6 @@ class DetectionOutputLayer(Layer):
         self.name_count = 0
         self.detections: list[dict] = []
 
-    def _output_box(self, box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """The fork's OutputBBox: clip to [0, 1] and scale to the original image size."""
-        h, w = size
-        r = self.resize
-        if r is not None and r.resize_mode == caffe_pb2.ResizeParameter.FIT_SMALL_SIZE \
-                and r.height_scale and r.width_scale:
-            out = box * np.array([r.width_scale, r.height_scale] * 2, "f4")
-            return np.minimum(np.maximum(out, 0), np.array([w, h, w, h], "f4"))
-        return np.clip(box, 0, 1) * np.array([w, h, w, h], "f4")
-
     def _save(self, rows: torch.Tensor, num: int) -> None:
         rows = rows.detach().cpu().numpy().astype("f4")
         for i in range(num):
@@ -419,7 +423,7 @@ class DetectionOutputLayer(Layer):
                 label = int(r[1])
                 if label not in self.label_to_name:
                     raise self.error(f"Cannot find label: {label} in the label map.")
-                b = self._output_box(r[3:7], self.sizes[self.name_count])
+                b = output_bbox(r[3:7], self.sizes[self.name_count], self.resize)
                 bbox = [round(float(b[0]) * 100) / 100, round(float(b[1]) * 100) / 100,
                         round(float(b[2] - b[0]) * 100) / 100, round(float(b[3] - b[1]) * 100) / 100]
                 self.detections.append({
@@ -458,3 +462,121 @@ class DetectionOutputLayer(Layer):
                     x, y, bw, bh = (int(v) for v in det["bbox"])
                     f.write(f"{det['image_id']} {det['category_id']} {det['score']:g} "
                             f"{x} {y} {x + bw} {y + bh}\n")
+
+
+@register("DetectionEvaluate")
+class DetectionEvaluateLayer(Layer):
+    """Scores detections against ground truth, for SSD's test-time mAP (the solver's
+    ``eval_type: "detection"``). Bottoms: detections ``[1, 1, D, 7]`` (DetectionOutput's rows) and
+    ground truth ``[1, 1, G, 8]`` rows ``[image, label, instance, xmin, ymin, xmax, ymax, difficult]``.
+
+    Top ``[1, 1, num_pos_classes + valid detections, 5]``: first one row ``[-1, label, num_gt, -1, -1]``
+    per class other than the background (``num_gt`` counts difficult ground truth only with
+    ``evaluate_difficult_gt``), then per image (ascending) and label (ascending) the detections as
+    ``[image, label, score, tp, fp]``: sorted by descending score and greedily matched to the
+    ground truth box of highest IoU (>= ``overlap_threshold``; a box already matched makes a false
+    positive; a match to a difficult box when not evaluating them makes ``0, 0``); detections of an
+    image or label without ground truth are false positives in input order. Ground truth rows
+    stop at the first image id -1; detection rows with image id -1 are skipped. With
+    ``name_size_file``, boxes are scaled to each image's size and compared as pixel boxes, the
+    image counter advancing once per image with detections, as the fork. Forward only.
+    """
+
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.detection_evaluate_param
+        if not p.HasField("num_classes"):
+            raise self.error("must provide detection_evaluate_param.num_classes")
+        self.num_classes = int(p.num_classes)
+        self.background = int(p.background_label_id)
+        self.overlap_threshold = float(p.overlap_threshold)
+        if self.overlap_threshold <= 0:
+            raise self.error(f"overlap_threshold must be positive, got {self.overlap_threshold}")
+        self.evaluate_difficult = p.evaluate_difficult_gt
+        self.sizes: list[tuple[int, int]] = []
+        if p.HasField("name_size_file"):
+            try:
+                with open(p.name_size_file) as f:
+                    tokens = f.read().split()
+            except OSError as e:
+                raise self.error(f"failed to open name size file {p.name_size_file!r}: {e}") from e
+            self.sizes = [(int(tokens[i + 1]), int(tokens[i + 2])) for i in range(0, len(tokens) - 2, 3)]
+        self.resize = p.resize_param if p.HasField("resize_param") else None
+        if self.resize is not None and self.resize.resize_mode == caffe_pb2.ResizeParameter.FIT_LARGE_SIZE_AND_PAD:
+            raise self.error("resize_param FIT_LARGE_SIZE_AND_PAD is not supported")
+        self.count = 0
+
+    def reshape(self, bottom, top):
+        det, gt = bottom
+        if det.num != 1 or det.channels != 1 or det.width != 7:
+            raise self.error(f"detections must have shape [1, 1, D, 7], got {det.shape}")
+        if gt.num != 1 or gt.channels != 1 or gt.width != 8:
+            raise self.error(f"ground truth must have shape [1, 1, G, 8], got {gt.shape}")
+        labels = det.data_t.reshape(-1, 7)[:, 1]
+        n_valid = int((labels != -1).sum())
+        n_classes = self.num_classes if self.background == -1 else self.num_classes - 1
+        top[0].reshape((1, 1, n_classes + n_valid, 5))
+
+    def forward(self, bottom, top):
+        det = bottom[0].data_t.detach().reshape(-1, 7).cpu().numpy().astype(np.float32)
+        gt = bottom[1].data_t.detach().reshape(-1, 8).cpu().numpy().astype(np.float32)
+        detections: dict[int, dict[int, list[int]]] = {}
+        for i, row in enumerate(det):
+            if int(row[0]) == -1:
+                continue
+            label = int(row[1])
+            if label == self.background:
+                raise self.error(f"found the background label {label} in the detection results (row {i})")
+            detections.setdefault(int(row[0]), {}).setdefault(label, []).append(i)
+        truth: dict[int, dict[int, list[int]]] = {}
+        for i, row in enumerate(gt):
+            if int(row[0]) == -1:
+                break
+            label = int(row[1])
+            if label == self.background:
+                raise self.error(f"found the background label {label} in the ground truth (row {i})")
+            truth.setdefault(int(row[0]), {}).setdefault(label, []).append(i)
+        num_pos: dict[int, int] = {}
+        for labels in truth.values():
+            for label, rows in labels.items():
+                n = len(rows) if self.evaluate_difficult else sum(1 for r in rows if not gt[r, 7])
+                num_pos[label] = num_pos.get(label, 0) + n
+        out = [[-1, c, num_pos.get(c, 0), -1, -1] for c in range(self.num_classes) if c != self.background]
+        pixel = bool(self.sizes)
+        for image in sorted(detections):
+            labels = truth.get(image, {})
+            for label in sorted(detections[image]):
+                rows = detections[image][label]
+                if label not in labels:
+                    out += [[image, label, det[r, 2], 0, 1] for r in rows]
+                    continue
+                gt_rows = labels[label]
+                gt_boxes = gt[gt_rows, 3:7]
+                rows = sorted(rows, key=lambda r: -det[r, 2])  # stable: ties keep input order
+                det_boxes = det[rows, 3:7]
+                if pixel:
+                    size = self.sizes[self.count]
+                    gt_boxes = np.stack([output_bbox(b, size, self.resize) for b in gt_boxes])
+                    det_boxes = np.stack([output_bbox(b, size, self.resize) for b in det_boxes])
+                overlaps = iou_matrix(torch.from_numpy(det_boxes), torch.from_numpy(gt_boxes), pixel=pixel).numpy()
+                best = overlaps.argmax(axis=1)  # the first of equal maxima, as the fork's strict >
+                visited = np.zeros(len(gt_rows), bool)
+                for r, j, ov in zip(rows, best, overlaps[np.arange(len(rows)), best]):
+                    tp = fp = 0
+                    if ov >= self.overlap_threshold:
+                        if self.evaluate_difficult or not gt[gt_rows[j], 7]:
+                            tp, fp = (0, 1) if visited[j] else (1, 0)
+                            visited[j] = True
+                    else:
+                        fp = 1
+                    out.append([image, label, det[r, 2], tp, fp])
+            if self.sizes:
+                self.count = (self.count + 1) % len(self.sizes)
+        result = torch.tensor(np.asarray(out, np.float32).reshape(-1, 5), dtype=self.dtype, device=self.device)
+        top[0].reshape((1, 1, result.shape[0], 5))
+        top[0].data_t = result.reshape(1, 1, -1, 5)
+
+    def backward(self, top, propagate_down, bottom):
+        pass  # forward only, as in the fork
