@@ -1,4 +1,5 @@
-"""SSD's detection layers (weiliu89/caffe, branch ssd): PriorBox, DetectionOutput, DetectionEvaluate.
+"""SSD's detection layers (weiliu89/caffe, branch ssd): PriorBox, DetectionOutput, DetectionEvaluate,
+MultiBoxLoss.
 
 Boxes are rows ``[xmin, ymin, xmax, ymax]``, normalized to [0, 1] unless OpenCV's
 ``normalized_bbox: false`` says they are pixels (then widths and areas get the ``+ 1`` of pixel
@@ -23,6 +24,7 @@ from ..proto import caffe_pb2
 log = get_logger(__name__)
 
 FLT_MAX = 3.4028234663852886e38
+FLT_MIN = 1.1754943508222875e-38
 
 
 # --------------------------------------------------------------------------- box helpers
@@ -580,3 +582,307 @@ class DetectionEvaluateLayer(Layer):
 
     def backward(self, top, propagate_down, bottom):
         pass  # forward only, as in the fork
+
+
+def encode_boxes(gt: torch.Tensor, prior_boxes: torch.Tensor, prior_var: torch.Tensor, *, code_type: int,
+                 variance_encoded_in_target: bool = False) -> torch.Tensor:
+    """SSD's EncodeBBox on tensors: ground truth ``gt [M, 4]`` against its priors ``[M, 4]`` (the
+    inverse of :func:`decode_boxes` for normalized boxes)."""
+    v = torch.ones_like(prior_var) if variance_encoded_in_target else prior_var
+    if code_type == 1:  # CORNER
+        return (gt - prior_boxes) / v
+    pw = prior_boxes[:, 2] - prior_boxes[:, 0]
+    ph = prior_boxes[:, 3] - prior_boxes[:, 1]
+    if code_type == 3:  # CORNER_SIZE
+        return (gt - prior_boxes) / torch.stack([pw, ph, pw, ph], dim=1) / v
+    pcx, pcy = (prior_boxes[:, 0] + prior_boxes[:, 2]) / 2, (prior_boxes[:, 1] + prior_boxes[:, 3]) / 2
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    gcx, gcy = (gt[:, 0] + gt[:, 2]) / 2, (gt[:, 1] + gt[:, 3]) / 2
+    return torch.stack([(gcx - pcx) / pw / v[:, 0], (gcy - pcy) / ph / v[:, 1],
+                        torch.log(gw / pw) / v[:, 2], torch.log(gh / ph) / v[:, 3]], dim=1)
+
+
+def match_boxes(overlaps: torch.Tensor, cross: torch.Tensor, bipartite_only: bool,
+                overlap_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSD's MatchBBox from the IoU matrix ``[P, G]`` of predictions (priors) and ground truth:
+    ``(match [P] (gt index, -1 unmatched, -2 ignored cross-boundary), match_overlap [P])``.
+
+    Bipartite: repeatedly the largest remaining overlap (first in (prediction, gt) order among
+    equals) pairs its prediction and gt, each used once; then, unless ``bipartite_only``, every
+    unmatched prediction takes its best gt with overlap >= ``overlap_threshold``. Overlaps <= 1e-6
+    do not count. The loop runs once per gt box."""
+    p, g = overlaps.shape
+    valid = (overlaps > 1e-6) & ~cross[:, None]
+    match = torch.where(cross, torch.full((p,), -2, dtype=torch.long), torch.full((p,), -1, dtype=torch.long))
+    match_overlap = torch.where(valid, overlaps, torch.zeros_like(overlaps)).amax(dim=1) if g else \
+        torch.zeros(p, dtype=overlaps.dtype)
+    if g == 0:
+        return match, match_overlap
+    pool = valid.clone()
+    for _ in range(g):
+        if not bool(pool.any()):
+            break
+        scores = torch.where(pool, overlaps, torch.full_like(overlaps, -1.0))
+        best = int(scores.reshape(-1).argmax())
+        i, j = divmod(best, g)
+        match[i] = j
+        match_overlap[i] = overlaps[i, j]
+        pool[i, :] = False
+        pool[:, j] = False
+    if not bipartite_only:
+        rest = (match == -1) & valid.any(dim=1)
+        cand = torch.where(valid & (overlaps >= overlap_threshold), overlaps, torch.full_like(overlaps, -1.0))
+        best_val, best_gt = cand.max(dim=1)
+        take = rest & (best_val > -1)
+        match = torch.where(take, best_gt, match)
+        match_overlap = torch.where(take, best_val, match_overlap)
+    return match, match_overlap
+
+
+@register("MultiBoxLoss")
+class MultiBoxLossLayer(Layer):
+    """SSD's training loss: bottoms loc ``[N, P*4]``, conf ``[N, P*C]`` (scores before softmax),
+    priors ``[1, 2, P*4]``, ground truth ``[1, 1, G, 8]``; a scalar top.
+
+    As the fork: priors are matched to the ground truth (``match_type`` BIPARTITE or PER_PREDICTION
+    at ``overlap_threshold``; ``use_prior_for_matching`` false matches the decoded predictions;
+    ``ignore_cross_boundary_bbox``), negatives are mined (``mining_type`` MAX_NEGATIVE: the
+    highest-confidence-loss unmatched priors with overlap < ``neg_overlap``, ``neg_pos_ratio`` per
+    positive; NONE: every prior in the confidence loss), the matched ground truth is encoded
+    (``code_type``, ``encode_variance_in_target``, ``bp_inside``) and the loss is
+    ``loc_weight * loc_loss / n + conf_loss / n``, loc SMOOTH_L1 (``sum f(d)``) or L2 (``sum d^2 / 2``),
+    conf SOFTMAX (``-sum log p``) or LOGISTIC (sigmoid cross-entropy), ``n`` from ``loss_param``'s
+    normalization (default VALID: the number of matches). A term counts only when the layer's
+    ``propagate_down`` for its bottom is true (default: true true false false). Gradients: the fork's
+    (the loc diff is copied as computed on the encoded values, also with
+    ``encode_variance_in_target``). Not supported (clear errors): ``share_location: false``,
+    HARD_EXAMPLE mining and mining with ``nms_param``.
+    """
+
+    exact_num_bottom_blobs = 4
+    exact_num_top_blobs = 1
+    auto_top_blobs = True
+
+    def default_loss_weight(self, top_index: int) -> float:
+        return 1.0
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return True  # as the fork: force_backward reaches the priors and labels, and backward refuses
+
+    def layer_setup(self, bottom, top):
+        lp = self.layer_param
+        if not len(lp.propagate_down):
+            lp.propagate_down.extend([True, True, False, False])
+        self.term_used = [bool(v) for v in lp.propagate_down]
+        p = lp.multibox_loss_param
+        if not p.HasField("num_classes"):
+            raise self.error("must provide multibox_loss_param.num_classes")
+        self.p = p
+        self.num_classes = int(p.num_classes)
+        if self.num_classes < 1:
+            raise self.error("num_classes should not be less than 1")
+        if not p.share_location:
+            raise self.error("share_location: false is not supported")
+        M = caffe_pb2.MultiBoxLossParameter
+        if p.HasField("do_neg_mining") and p.do_neg_mining != (p.mining_type != M.NONE):
+            raise self.error(f"do_neg_mining {str(p.do_neg_mining).lower()} contradicts mining_type "
+                             f"{M.MiningType.Name(p.mining_type)}")
+        self.mining = p.mining_type != M.NONE
+        if p.mining_type == M.HARD_EXAMPLE:
+            raise self.error("mining_type HARD_EXAMPLE is not supported")
+        if self.mining and p.HasField("nms_param") and p.nms_param.nms_threshold > 0:
+            raise self.error("negative mining with nms_param is not supported")
+        lp_loss = lp.loss_param
+        if not lp_loss.HasField("normalization") and lp_loss.HasField("normalize"):
+            self.normalization = caffe_pb2.LossParameter.VALID if lp_loss.normalize \
+                else caffe_pb2.LossParameter.BATCH_SIZE
+        else:
+            self.normalization = lp_loss.normalization
+        self.softmax = p.conf_loss_type == M.SOFTMAX
+        if self.softmax and not 0 <= p.background_label_id < self.num_classes:
+            raise self.error(f"background_label_id should be within [0, num_classes) for Softmax, got "
+                             f"{p.background_label_id} with {self.num_classes} classes")
+        if p.map_object_to_agnostic and self.num_classes != (2 if p.background_label_id >= 0 else 1):
+            raise self.error("map_object_to_agnostic needs num_classes 2 (1 without background)")
+
+    def reshape(self, bottom, top):
+        if bottom[0].num != bottom[1].num:
+            raise self.error(f"loc and conf must have the same number of images: bottom[0] has shape "
+                             f"{bottom[0].shape}, bottom[1] has shape {bottom[1].shape}")
+        self.num_priors = bottom[2].height // 4
+        if self.num_priors * 4 != bottom[0].channels:
+            raise self.error(f"number of priors must match number of location predictions: priors "
+                             f"{bottom[2].shape} vs loc {bottom[0].shape}")
+        if self.num_priors * self.num_classes != bottom[1].channels:
+            raise self.error(f"number of priors must match number of confidence predictions: priors "
+                             f"{bottom[2].shape} vs conf {bottom[1].shape} ({self.num_classes} classes)")
+        top[0].reshape(())
+
+    # ------------------------------------------------------------------ pieces
+    def _ground_truth(self, gt: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """image -> (boxes [G, 4], labels [G]) as the fork's GetGroundTruth (rows of image -1 skipped)."""
+        rows = gt.reshape(-1, 8).detach().cpu()
+        bg = int(self.p.background_label_id)
+        out: dict[int, list[int]] = {}
+        for i, row in enumerate(rows.tolist()):
+            item = int(row[0])
+            if item == -1:
+                continue
+            if int(row[1]) == bg:
+                raise self.error(f"found the background label {bg} in the ground truth (row {i})")
+            if not self.p.use_difficult_gt and row[7]:
+                continue
+            out.setdefault(item, []).append(i)
+        return {k: (gt.reshape(-1, 8)[v, 3:7], gt.reshape(-1, 8)[v, 1].long()) for k, v in out.items()}
+
+    def _conf_loss_rows(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row confidence loss (SOFTMAX: -log max(p, FLT_MIN); LOGISTIC: summed over classes)."""
+        if self.softmax:
+            prob = torch.softmax(x, dim=1).gather(1, labels[:, None])[:, 0]
+            return -torch.log(prob.clamp_min(FLT_MIN))
+        t = self._targets(x, labels)
+        pos = (x >= 0).to(x.dtype)
+        return -(x * (t - pos) - torch.log1p(torch.exp(x - 2 * x * pos))).sum(dim=1)
+
+    def _targets(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """LOGISTIC's one-hot targets; a label outside [0, num_classes) (background -1) is all zeros."""
+        t = torch.zeros_like(x)
+        ok = (labels >= 0) & (labels < self.num_classes)
+        t[ok.nonzero()[:, 0], labels[ok]] = 1
+        return t
+
+    def forward(self, bottom, top):
+        p, M = self.p, caffe_pb2.MultiBoxLossParameter
+        n, np_, c = bottom[0].num, self.num_priors, self.num_classes
+        loc = bottom[0].data_t.reshape(n, np_, 4)
+        conf = bottom[1].data_t.reshape(n, np_, c)
+        pr = bottom[2].data_t.reshape(-1)[: 2 * np_ * 4].reshape(2, np_, 4)
+        pb, pv = pr[0], pr[1]
+        truth = self._ground_truth(bottom[3].data_t)
+        bg = int(p.background_label_id)
+        code = int(p.code_type)
+        enc_var = p.encode_variance_in_target
+        pos_img, pos_prior, pos_gt_box, pos_label, neg_img, neg_prior = [], [], [], [], [], []
+        for i in range(n):
+            if i not in truth:
+                continue
+            gt_boxes, gt_labels = truth[i]
+            if p.use_prior_for_matching:
+                preds = pb
+            else:
+                preds = decode_boxes(loc[i], pb, pv, code_type=code, variance_encoded_in_target=enc_var)
+            cross = ((preds < 0) | (preds > 1)).any(dim=1) if p.ignore_cross_boundary_bbox else \
+                torch.zeros(np_, dtype=torch.bool, device=preds.device)
+            match, overlap = match_boxes(iou_matrix(preds, gt_boxes).cpu(), cross.cpu(),
+                                         p.match_type == M.BIPARTITE, float(p.overlap_threshold))
+            match, overlap = match.to(loc.device), overlap.to(loc.device)
+            matched = match > -1
+            idx = matched.nonzero()[:, 0]
+            pos_img.append(torch.full_like(idx, i))
+            pos_prior.append(idx)
+            pos_gt_box.append(gt_boxes[match[idx]])
+            label = gt_labels[match[idx]]
+            pos_label.append(torch.full_like(label, bg + 1) if p.map_object_to_agnostic else label)
+            if p.mining_type == M.MAX_NEGATIVE:
+                labels_all = torch.full((np_,), bg, dtype=torch.long, device=loc.device)
+                labels_all[idx] = gt_labels[match[idx]]
+                loss = self._conf_loss_rows(conf[i], labels_all).to(torch.float32)
+                eligible = (match == -1) & (overlap < p.neg_overlap)
+                num_sel = min(int(np.float32(int(matched.sum())) * np.float32(p.neg_pos_ratio)), int(eligible.sum()))
+                if num_sel > 0:
+                    ranked = torch.where(eligible, loss, torch.full_like(loss, -float("inf")))
+                    chosen = torch.sort(ranked, descending=True, stable=True).indices[:num_sel]
+                    chosen = torch.sort(chosen).values
+                    neg_img.append(torch.full_like(chosen, i))
+                    neg_prior.append(chosen)
+
+        def cat(parts, dtype=torch.long):
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=loc.device)
+
+        self._pos = (cat(pos_img), cat(pos_prior))
+        self._neg = (cat(neg_img), cat(neg_prior))
+        gt_box = torch.cat(pos_gt_box) if pos_gt_box else torch.zeros((0, 4), dtype=loc.dtype, device=loc.device)
+        pos_lab = cat(pos_label)
+        self.num_matches = int(self._pos[0].numel())
+        # localization
+        pi, pj = self._pos
+        if self.num_matches:
+            gt_enc = encode_boxes(gt_box, pb[pj], pv[pj], code_type=code, variance_encoded_in_target=enc_var)
+            pred = loc[pi, pj]
+            if p.bp_inside:
+                inside = pb[pj] if p.use_prior_for_matching else decode_boxes(
+                    pred, pb[pj], pv[pj], code_type=code, variance_encoded_in_target=enc_var)
+                pred = torch.where((inside < 0) | (inside > 1), gt_enc, pred)
+            if enc_var:
+                pred, gt_enc = pred / pv[pj], gt_enc / pv[pj]
+            d = pred - gt_enc
+            self._loc_d = d
+            if p.loc_loss_type == M.SMOOTH_L1:
+                loc_loss = torch.where(d.abs() < 1, 0.5 * d * d, d.abs() - 0.5).sum()
+            else:
+                loc_loss = (d * d).sum() / 2
+        else:
+            loc_loss = torch.zeros((), dtype=loc.dtype, device=loc.device)
+        # confidence
+        if self.mining:
+            ni, nj = self._neg
+            rows_i, rows_j = torch.cat([pi, ni]), torch.cat([pj, nj])
+            # per image: its positives, then its negatives (the fork's order; the sum does not care)
+            x = conf[rows_i, rows_j]
+            labels = torch.cat([pos_lab, torch.full_like(nj, bg)])
+            self._conf_rows = (rows_i, rows_j)
+        else:
+            x = conf.reshape(-1, c)
+            lab = torch.full((n, np_), bg, dtype=torch.long, device=loc.device)
+            lab[pi, pj] = pos_lab
+            labels = lab.reshape(-1)
+            self._conf_rows = None
+        self._conf_x, self._conf_labels = x, labels
+        conf_loss = self._conf_loss_rows(x, labels).sum() if x.shape[0] else torch.zeros((), dtype=loc.dtype,
+                                                                                          device=loc.device)
+        self._normalizer = self._get_normalizer(n, np_)
+        total = torch.zeros((), dtype=loc.dtype, device=loc.device)
+        if self.term_used[0]:
+            total = total + p.loc_weight * loc_loss / self._normalizer
+        if self.term_used[1]:
+            total = total + conf_loss / self._normalizer
+        top[0].data_t = total
+
+    def _get_normalizer(self, n: int, p: int) -> float:
+        Norm = caffe_pb2.LossParameter
+        mode = self.normalization
+        value = {Norm.FULL: n * p, Norm.VALID: self.num_matches, Norm.BATCH_SIZE: n, Norm.NONE: 1}.get(mode)
+        if value is None:
+            raise self.error(f"unknown normalization mode {mode}")
+        return float(max(1, value))
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[2]:
+            raise self.error("cannot backpropagate to prior inputs (bottom 2)")
+        if propagate_down[3]:
+            raise self.error("cannot backpropagate to label inputs (bottom 3)")
+        scale = top[0].diff_t / self._normalizer
+        M = caffe_pb2.MultiBoxLossParameter
+        if propagate_down[0]:
+            diff = torch.zeros_like(bottom[0].data_t).reshape(bottom[0].num, self.num_priors, 4)
+            if self.num_matches:
+                d = self._loc_d
+                g = torch.where(d.abs() < 1, d, torch.sign(d)) if self.p.loc_loss_type == M.SMOOTH_L1 else d
+                diff[self._pos] = g * (self.p.loc_weight * scale)
+            bottom[0].diff_t = diff.reshape(bottom[0].shape)
+        if propagate_down[1]:
+            x, labels = self._conf_x, self._conf_labels
+            if x.shape[0]:
+                if self.softmax:
+                    g = torch.softmax(x, dim=1)
+                    g[torch.arange(x.shape[0], device=x.device), labels] -= 1
+                else:
+                    g = torch.sigmoid(x) - self._targets(x, labels)
+                g = g * scale
+            if self._conf_rows is None:
+                diff = g.reshape(bottom[1].shape) if x.shape[0] else torch.zeros_like(bottom[1].data_t)
+            else:
+                diff = torch.zeros_like(bottom[1].data_t).reshape(bottom[1].num, self.num_priors, self.num_classes)
+                if x.shape[0]:
+                    diff[self._conf_rows] = g
+            bottom[1].diff_t = diff.reshape(bottom[1].shape)
