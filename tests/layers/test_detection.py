@@ -14,6 +14,16 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: torch's thread pool only adds latency (a lot on a loaded machine)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- Normalize
 def np_normalize(x, scale, across_spatial, eps=1e-10):
     n, c = x.shape[:2]
@@ -431,3 +441,107 @@ def test_detection_evaluate_errors():
         make_layer('type: "DetectionEvaluate" detection_evaluate_param { num_classes: 3 }', [det, det])
     with pytest.raises(LayerError, match="background label 0 in the detection results"):
         forward_layer('type: "DetectionEvaluate" detection_evaluate_param { num_classes: 3 }', [det, gt])
+
+
+# --------------------------------------------------------------------------- MultiBoxLoss
+def test_match_boxes_bipartite_then_per_prediction():
+    import torch
+    from recaffe.layers.detection import match_boxes
+    ov = torch.tensor([[0.7, 0.6],    # best overall pair: prior 0 - gt 0
+                       [0.65, 0.0],   # bipartite leaves it; per prediction: gt 0 (>= 0.5)
+                       [0.55, 0.58],  # bipartite: gt 1 (the best left for gt 1)
+                       [0.4, 0.3],    # below the threshold: unmatched, overlap 0.4
+                       [0.0, 0.0]])
+    none = torch.zeros(5, dtype=torch.bool)
+    m, o = match_boxes(ov, none, True, 0.5)
+    assert m.tolist() == [0, -1, 1, -1, -1]
+    np.testing.assert_allclose(o.numpy(), [0.7, 0.65, 0.58, 0.4, 0.0])
+    m, _ = match_boxes(ov, none, False, 0.5)
+    assert m.tolist() == [0, 0, 1, -1, -1]
+    m, _ = match_boxes(ov, torch.tensor([True, False, False, False, False]), False, 0.5)
+    assert m.tolist() == [-2, 0, 1, -1, -1]  # a cross-boundary prior is ignored
+
+
+def multibox_inputs(seed=0, n=2, p=24, c=3, g=4):
+    gen = rng(seed)
+    cx, cy = np.meshgrid((np.arange(6) + 0.5) / 6, (np.arange(p // 6) + 0.5) / (p // 6))
+    centers = np.stack([cx.ravel(), cy.ravel()], 1)[:p]
+    prior = np.concatenate([centers - 0.12, centers + 0.12], 1)
+    prior_blob = np.stack([prior.reshape(-1), np.tile([0.1, 0.1, 0.2, 0.2], p)])[None]
+    picks = gen.choice(p, g, replace=False)
+    gt = np.zeros((g, 8))
+    gt[:, 0] = np.arange(g) % n
+    gt[:, 1] = gen.integers(1, c, g)
+    gt[:, 3:7] = prior[picks] + gen.uniform(-0.03, 0.03, (g, 4))
+    loc = gen.normal(0, 1, (n, p * 4))
+    conf = gen.normal(0, 1, (n, p * c))
+    return loc, conf, prior_blob, gt[None, None]
+
+
+@pytest.mark.parametrize("params", [
+    "mining_type: MAX_NEGATIVE neg_pos_ratio: 2 code_type: CENTER_SIZE",
+    "mining_type: NONE loc_loss_type: L2 conf_loss_type: LOGISTIC code_type: CORNER match_type: BIPARTITE",
+    "mining_type: MAX_NEGATIVE code_type: CORNER_SIZE loc_weight: 2 normalization: FULL",
+])
+def test_multibox_loss_gradient(params):
+    # (encode_variance_in_target is left out: the fork divides the predictions by the variances and
+    # copies the gradient back without that factor, so it is not the exact gradient there)
+    loc, conf, prior, gt = multibox_inputs(n=2, p=12, g=3)
+    text = ('type: "MultiBoxLoss" propagate_down: true propagate_down: true propagate_down: false '
+            f'propagate_down: false multibox_loss_param {{ num_classes: 3 {params.replace(" normalization: FULL", "")} }}'
+            + (" loss_param { normalization: FULL }" if "FULL" in params else ""))
+    layer = check_gradient(text, [loc, conf, prior, gt], check_bottoms=[0, 1], kink=1.0, kink_range=0.01)
+    assert layer.num_matches >= 3
+
+
+def test_multibox_loss_value_by_hand():
+    """One image, MAX_NEGATIVE with ratio 1, normalization VALID: numpy from the fork's definition."""
+    loc, conf, prior, gt = multibox_inputs(seed=3, n=1, g=2)
+    gt[0, 0, :, 0] = 0
+    text = ('type: "MultiBoxLoss" multibox_loss_param { num_classes: 3 neg_pos_ratio: 1 code_type: CENTER_SIZE '
+            'match_type: BIPARTITE }')
+    layer, bottom, top = make_layer(text, [loc, conf, prior, gt])
+    layer.run_forward(bottom, top)
+    pb = prior[0, 0].reshape(-1, 4)
+    ious = np.array([[np_iou(b, g) for g in gt[0, 0, :, 3:7]] for b in pb])
+    match = -np.ones(len(pb), int)
+    work = ious.copy()
+    for _ in range(2):  # bipartite
+        i, j = np.unravel_index(np.argmax(work), work.shape)
+        match[i] = j
+        work[i, :] = -1
+        work[:, j] = -1
+    pos = np.nonzero(match >= 0)[0]
+    g = gt[0, 0, match[pos], 3:7]
+    p = pb[pos]
+    pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
+    enc = np.stack([((g[:, 0] + g[:, 2]) - (p[:, 0] + p[:, 2])) / 2 / pw / 0.1,
+                    ((g[:, 1] + g[:, 3]) - (p[:, 1] + p[:, 3])) / 2 / ph / 0.1,
+                    np.log((g[:, 2] - g[:, 0]) / pw) / 0.2, np.log((g[:, 3] - g[:, 1]) / ph) / 0.2], 1)
+    d = loc.reshape(-1, 4)[pos] - enc
+    loc_loss = np.where(np.abs(d) < 1, 0.5 * d * d, np.abs(d) - 0.5).sum()
+    x = conf.reshape(-1, 3)
+    logp = x - np.log(np.exp(x).sum(1, keepdims=True))
+    labels = np.zeros(len(pb), int)
+    labels[pos] = gt[0, 0, match[pos], 1].astype(int)
+    ce = -logp[np.arange(len(pb)), labels]
+    eligible = (match < 0) & (ious.max(1) < 0.5)
+    negs = np.argsort(-np.where(eligible, ce, -np.inf), kind="stable")[:len(pos)]
+    conf_loss = ce[pos].sum() + ce[negs].sum()
+    assert float(top[0].data) == pytest.approx((loc_loss + conf_loss) / len(pos), rel=1e-10)
+
+
+def test_multibox_loss_errors():
+    loc, conf, prior, gt = multibox_inputs()
+    with pytest.raises(LayerError, match="MultiBoxLoss layer 'L': must provide .*num_classes"):
+        make_layer('type: "MultiBoxLoss"', [loc, conf, prior, gt])
+    with pytest.raises(LayerError, match=r"confidence predictions: priors \(1, 2, 96\) vs conf \(2, 72\) \(4 classes\)"):
+        make_layer('type: "MultiBoxLoss" multibox_loss_param { num_classes: 4 }', [loc, conf, prior, gt])
+    with pytest.raises(LayerError, match="share_location: false is not supported"):
+        make_layer('type: "MultiBoxLoss" multibox_loss_param { num_classes: 3 share_location: false }',
+                   [loc, conf, prior, gt])
+    layer, bottom, top = make_layer('type: "MultiBoxLoss" multibox_loss_param { num_classes: 3 }',
+                                    [loc, conf, prior, gt])
+    layer.run_forward(bottom, top)
+    with pytest.raises(LayerError, match="cannot backpropagate to label inputs"):
+        layer.backward(top, [True, True, False, True], bottom)
