@@ -32,7 +32,7 @@ class ExportError(ValueError):
 
 # Layers whose tops are the net's inputs (their data comes from outside the graph).
 DATA_TYPES = frozenset({"Input", "Data", "DummyData", "ImageData", "HDF5Data", "MemoryData",
-                        "WindowData"})
+                        "WindowData", "ImageSegData", "DenseImageData"})
 # Layers that score a net against labels: no inference equivalent (a deploy net has none).
 LOSS_TYPES = frozenset({"SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss",
                         "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "ContrastiveLoss",
