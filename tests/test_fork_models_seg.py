@@ -21,7 +21,8 @@ from recaffe.proto import caffe_pb2
 from test_export import check_exports, one_torch_thread  # noqa: F401  (fixture)
 
 TEST = caffe_pb2.TEST
-slow = pytest.mark.skipif(not os.environ.get("RECAFFE_SLOW"), reason="a full-size forward; set RECAFFE_SLOW=1")
+slow = pytest.mark.skipif(not os.environ.get("RECAFFE_SLOW"),
+                          reason="a full-size forward; set RECAFFE_SLOW=1")
 
 
 def model(name):
@@ -38,7 +39,10 @@ def random_bn_stats(net, seed=0):
     for lay in net.layers:
         if lay.type == "BN":
             for i, b in enumerate(lay.blobs):
-                b.data[...] = rng.uniform(0.5, 1.5, b.shape) if i in (0, 3) else rng.standard_normal(b.shape) * 0.1
+                if i in (0, 3):  # scale / slope, running variance
+                    b.data[...] = rng.uniform(0.5, 1.5, b.shape)
+                else:
+                    b.data[...] = rng.standard_normal(b.shape) * 0.1
 
 
 def write_images(tmp_path, sizes, labels=True, seed=0):

@@ -94,7 +94,8 @@ def test_pspnet_bn_param_152_read_from_binary(tmp_path):
     filler = caffe.proto.caffe_pb2.FillerParameter(type="constant", value=1).SerializeToString()
     bn = (_field(1, 2, filler) + _field(3, 5, struct.pack("<f", 0.95)) + _field(4, 5, struct.pack("<f", 1e-3))
           + _field(5, 0, b"\x01"))
-    layer = caffe.proto.caffe_pb2.LayerParameter(name="bn", type="BN").SerializeToString() + _field(152, 2, bn)
+    layer = caffe.proto.caffe_pb2.LayerParameter(name="bn", type="BN").SerializeToString()
+    layer += _field(152, 2, bn)
     path = tmp_path / "psp.caffemodel"
     path.write_bytes(_field(100, 2, layer))
     p = read_net_binary(str(path)).layer[0].bn_param

@@ -158,7 +158,8 @@ def test_upsample_segnet_forward_backward(param, in_hw, out_hw):
     np.testing.assert_array_equal(top[0].data, np_unpool(data, mask, *out_hw))
     g = randn(*top[0].shape, seed=7)
     dx, dmask = backward(layer, bottom, top, [g], [True, False])
-    expect = np.take_along_axis(g.reshape(2, 3, -1), mask.reshape(2, 3, -1).astype(int), 2).reshape(data.shape)
+    index = mask.reshape(2, 3, -1).astype(int)
+    expect = np.take_along_axis(g.reshape(2, 3, -1), index, 2).reshape(data.shape)
     np.testing.assert_array_equal(dx, expect)
 
 
@@ -185,7 +186,8 @@ def test_upsample_errors():
     data, mask = pool_mask(x)
     raises('type: "Upsample" upsample_param { scale: 3 pad_out_h: true }', [data, mask], "pad_out_h requires")
     raises('type: "Upsample" upsample_param { scale: 1 }', [data, mask], "scale must be > 1")
-    raises('type: "Upsample" upsample_param { scale: 2 scale_h: 2 }', [data, mask], "upsample_h and upsample_w")
+    raises('type: "Upsample" upsample_param { scale: 2 scale_h: 2 }', [data, mask],
+           "upsample_h and upsample_w")
     raises('type: "Upsample" upsample_param { upsample_h: 1 upsample_w: 4 }', [data, mask], "must be > 1")
     raises('type: "Upsample" upsample_param { scale: 2 }', [data, mask[:, :, :1]],
            r"mask bottom\[1\] \(1, 1, 1, 2\).*\(1, 1, 2, 2\)")
@@ -193,7 +195,8 @@ def test_upsample_errors():
                                     [data, mask + 8])
     with pytest.raises(LayerError, match=r"'L'.*mask index \d+ out of range for the 4-pixel"):
         layer.run_forward(bottom, top)
-    raises('type: "Upsample" upsample_param { upsample_h: 8 upsample_w: 8 }', [x], "only upsample_param.scale")
+    raises('type: "Upsample" upsample_param { upsample_h: 8 upsample_w: 8 }', [x],
+           "only upsample_param.scale")
     raises('type: "Upsample" upsample_param { scale: 0 }', [x], "scale must be positive")
 
 
@@ -258,7 +261,8 @@ def test_bn_pspnet_train_forward_and_running_stats():
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     var = ((x - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
     s, b = layer.blobs[0].data, layer.blobs[1].data
-    np.testing.assert_allclose(top[0].data, s * (x - mean) / np.sqrt(var + float(np.float32(1e-4))) + b, rtol=1e-10)
+    eps = float(np.float32(1e-4))
+    np.testing.assert_allclose(top[0].data, s * (x - mean) / np.sqrt(var + eps) + b, rtol=1e-10)
     np.testing.assert_allclose(layer.blobs[2].data, 0.1 * mean + 0.9 * 0.5, rtol=1e-6)
     np.testing.assert_allclose(layer.blobs[3].data, 0.1 * var + 0.9 * 2.0, rtol=1e-6)
 

@@ -76,7 +76,8 @@ def _bn(v: LayerView):
             raise v.error("SegNet's bn_mode LEARN normalizes with each batch's statistics, in every phase: "
                           "not exportable. SegNet folds the population statistics into scale/shift "
                           "(compute_bn_statistics.py) and deploys bn_mode: INFERENCE")
-        return Lowered({}, {"scale": Param(v.blob(0).reshape(shape)), "shift": Param(v.blob(1).reshape(shape))})
+        return Lowered({}, {"scale": Param(v.blob(0).reshape(shape)),
+                            "shift": Param(v.blob(1).reshape(shape))})
     if not (lay.frozen or lay.phase == caffe_pb2.TEST):
         raise v.error("PSPNet's BN in TRAIN phase (not frozen) normalizes with batch statistics: export "
                       "the TEST phase or a frozen layer")
@@ -154,8 +155,9 @@ def _onnx_pooling_with_mask(b, n):
     (hp, wp), (h, w) = a["padded"], a["plane"]
     ph, pw = a["pads"][:2]
     plane = b.op(n, "Mod", [idx, b.ints(hp * wp, f"{n.layer}_padded_plane")])
-    row = b.op(n, "Sub", [b.op(n, "Div", [plane, b.ints(wp, f"{n.layer}_padded_w")]), b.ints(ph, f"{n.layer}_ph")])
-    col = b.op(n, "Sub", [b.op(n, "Mod", [plane, b.ints(wp, f"{n.layer}_padded_w2")]), b.ints(pw, f"{n.layer}_pw")])
+    width = b.ints(wp, f"{n.layer}_padded_w")
+    row = b.op(n, "Sub", [b.op(n, "Div", [plane, width]), b.ints(ph, f"{n.layer}_ph")])
+    col = b.op(n, "Sub", [b.op(n, "Mod", [plane, width]), b.ints(pw, f"{n.layer}_pw")])
     flat = b.op(n, "Add", [b.op(n, "Mul", [row, b.ints(w, f"{n.layer}_w")]), col])
     b.op(n, "Cast", [flat], n.outputs[1], to=1)  # FLOAT
 

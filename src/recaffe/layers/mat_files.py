@@ -94,7 +94,8 @@ def read_mat(path: str | os.PathLike) -> dict[str, np.ndarray]:
         name = subs[2][1].decode("ascii")
         t, data = subs[3]
         if t not in _DTYPE_OF:
-            raise MatFileError(f"{os.fspath(path)!r}: variable {name!r} has data type {t} (only single/double)")
+            raise MatFileError(f"{os.fspath(path)!r}: variable {name!r} has data type {t} "
+                               f"(only single/double)")
         out[name] = np.frombuffer(data, dtype=_DTYPE_OF[t]).reshape(tuple(dims), order="F")
     return out
 
