@@ -6,6 +6,7 @@ import pytest
 
 from helpers import make_net
 from recaffe.export import ExportError, build_graph
+from recaffe.export.lowering import LOWERINGS
 from recaffe.proto import caffe_pb2
 from test_export import L, _inputs_text, check_exports, one_torch_thread  # noqa: F401  (fixture)
 
@@ -85,3 +86,11 @@ def test_refusals_name_the_layer_and_say_why(layers, shapes, phase, match):
     with pytest.raises(ExportError, match=match) as info:
         build_graph(net)
     assert "layer '" in str(info.value)
+
+
+def test_every_type_of_segmentation_ops_is_checked_here():
+    import pathlib
+    ours = {t for t, fn in LOWERINGS.items() if fn.__module__ == "recaffe.export.segmentation_ops"}
+    assert ours == {"Interp", "Upsample", "BN", "Pooling"}
+    text = pathlib.Path(__file__).read_text()
+    assert all(f'L("{t}"' in text for t in ours)

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..proto import caffe_pb2
 from . import onnx_export, torch_export
-from .graph import LayerView, Lowered, Param
+from .graph import REFUSED, LayerView, Lowered, Param
 from .lowering import LOWERINGS, lowers
 
 _pooling_lowering = LOWERINGS["Pooling"]
@@ -87,16 +87,10 @@ def _bn(v: LayerView):
                         "shift": Param(bias)})
 
 
-@lowers("SegAccuracy")
-def _seg_accuracy(v: LayerView):
-    raise v.error("SegAccuracy scores predictions against labels: it has no inference equivalent. "
-                  "Export a deploy net without it")
-
-
-@lowers("MatWrite")
-def _mat_write(v: LayerView):
-    raise v.error("MatWrite writes MATLAB files, a side effect with no ONNX/torch equivalent: remove it "
-                  "from the net (its bottoms then become the net's outputs)")
+REFUSED["SegAccuracy"] = ("SegAccuracy scores predictions against labels: it has no inference "
+                          "equivalent. Export a deploy net without it")
+REFUSED["MatWrite"] = ("MatWrite writes MATLAB files, a side effect with no ONNX/torch equivalent: "
+                       "remove it from the net (its bottoms then become the net's outputs)")
 
 
 # ------------------------------------------------------------------------------ ONNX
