@@ -9,8 +9,13 @@ from PIL import Image
 from recaffe.cli import convert_annoset as convert_cli
 from recaffe.cli import get_image_size as size_cli
 from recaffe.data.annoset import convert_annoset, scale_for_dims
-from recaffe.data.annotations import (AnnotationError, ground_truth_rows, label_map_from_label_file,
-                                      map_name_to_label, read_label_map)
+from recaffe.data.annotations import (
+    AnnotationError,
+    ground_truth_rows,
+    label_map_from_label_file,
+    map_name_to_label,
+    read_label_map,
+)
 from recaffe.data.db import open_db
 from recaffe.proto import caffe_pb2
 

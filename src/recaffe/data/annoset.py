@@ -76,7 +76,7 @@ def read_image_datum(path: str, resize_height: int, resize_width: int, min_dim: 
     chw = read_image(path, is_color)
     scale = scale_for_dims(chw.shape[1], chw.shape[2], min_dim, max_dim)
     if scale != 1.0:
-        chw = resize_linear(chw, int(round(chw.shape[1] * scale)), int(round(chw.shape[2] * scale)))
+        chw = resize_linear(chw, round(chw.shape[1] * scale), round(chw.shape[2] * scale))
     if not encoding:
         return image_to_datum(chw, -1)
     return caffe_pb2.Datum(data=encode_image(chw, encoding), label=-1, encoded=True)

@@ -361,7 +361,6 @@ class MultiBoxLossLayer(LossLayer):
         """The fork's MineHardExamples: negatives per image (ascending prior index); HARD_EXAMPLE
         also drops matches that were not selected."""
         p = self.p
-        nc = self.num_classes
         negatives = []
         loc_loss_all = None
         if self.mining == _P.HARD_EXAMPLE:
