@@ -4,6 +4,7 @@ import struct
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 
 from recaffe.io.netfiles import read_net_binary
 from recaffe.io.protofiles import ProtoFileError, parse_text
@@ -125,7 +126,7 @@ def test_fork_param_that_breaks_the_full_parse_still_gives_the_weights(tmp_path)
     # truncated varint inside makes the full parse fail; names, types and blobs still load.
     bad = field(137, 2, b"\x08\xff")
     data = net_bytes(layer_bytes("up", "SomeForkType", bad), layer_bytes("fc", "InnerProduct"))
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         caffe_pb2.NetParameter().ParseFromString(data)
     net = read(tmp_path, data)
     assert [(l.name, l.type) for l in net.layer] == [("up", "SomeForkType"), ("fc", "InnerProduct")]

@@ -86,3 +86,8 @@ from .classifier import Classifier  # noqa: E402
 from .detector import Detector  # noqa: E402
 
 __all__ += ["Classifier", "Detector", "io"]
+
+# Modules the forks shipped inside their pycaffe (the SSD fork's model_libs), from the user's copy.
+from .fork_modules import install as _install_fork_modules  # noqa: E402
+
+_install_fork_modules()

@@ -66,11 +66,14 @@ def _is_list(value) -> bool:
 
 def assign_proto(proto, name: str, value) -> None:
     """Set field ``name`` of message ``proto`` from a Python value (recursively): lists fill
-    repeated fields, dicts fill sub-messages, other values are assigned as they are.
+    repeated fields, dicts fill sub-messages, other values are assigned as they are. A whole float
+    given to an integer field is taken as that integer: model scripts written for Python 2 compute
+    sizes with ``/`` (the SSD fork's model_libs: ``pad = (kernel_size - 1) / 2``).
 
     An unknown field raises AttributeError (the caller uses that to fall back to the
     LayerParameter, as pycaffe does)."""
     field = getattr(proto, name)
+    value = _whole_floats_as_ints(proto, name, value)
     is_repeated = hasattr(field, "extend")
     if is_repeated and not _is_list(value):
         value = [value]
@@ -90,6 +93,21 @@ def assign_proto(proto, name: str, value) -> None:
             assign_proto(field, k, v)
     else:
         setattr(proto, name, value)
+
+
+_FD = _descriptor.FieldDescriptor
+_INT_TYPES = {_FD.TYPE_INT32, _FD.TYPE_INT64, _FD.TYPE_UINT32, _FD.TYPE_UINT64, _FD.TYPE_SINT32, _FD.TYPE_SINT64}
+
+
+def _whole_floats_as_ints(proto, name: str, value):
+    fd = proto.DESCRIPTOR.fields_by_name.get(name)
+    if fd is None or fd.type not in _INT_TYPES:
+        return value
+
+    def conv(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return [conv(v) for v in value] if _is_list(value) else conv(value)
 
 
 class _NoSuchTop(AttributeError, KeyError):
@@ -297,7 +315,6 @@ params = Parameters()
 
 
 # --------------------------------------------------------------------------- text format
-_FD = _descriptor.FieldDescriptor
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "'": "\\'", "\\": "\\\\"}
 
 

@@ -30,7 +30,8 @@ Caffe's tools (each prints its own usage with -help):
   convert_imageset, convert_mnist_data, convert_cifar_data, compute_image_mean,
   extract_features, upgrade_net_proto_text, upgrade_net_proto_binary,
   upgrade_solver_proto_text, parse_log, plot_training_log, draw_net,
-  export (a net to ONNX or a PyTorch module)
+  export (a net to ONNX or a PyTorch module);
+  the SSD fork's convert_annoset and get_image_size
 
 Flags (Caffe's spellings: -flag=value, --flag=value, -flag value):
 """
@@ -255,6 +256,8 @@ TOOLS = {
     "plot_training_log": "plot_training_log",
     "draw_net": "draw_net",
     "export": "export",
+    "convert_annoset": "convert_annoset",
+    "get_image_size": "get_image_size",
 }
 
 

@@ -254,6 +254,12 @@ class DataTransformer:
             out[i] = self._apply(a[None], h_off[i:i + 1], w_off[i:i + 1], flips[i:i + 1])[0]
         return out
 
+    def crop_mirror_normalize(self, x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray,
+                              flips: np.ndarray) -> np.ndarray:
+        """:meth:`transform_arrays` with the crop offsets and flips chosen by the caller (layers that
+        move boxes with the image, such as AnnotatedData)."""
+        return self._apply(x, h_off, w_off, flips)
+
     def _apply(self, x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray, flips: np.ndarray) -> np.ndarray:
         """Crop, subtract the mean, scale and mirror a stack (N, C, H, W) of one size.
 

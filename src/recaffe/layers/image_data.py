@@ -1,5 +1,6 @@
 """Image-file data layers: ImageData (a list of ``path label`` lines) and WindowData (Caffe's
-R-CNN window file). Both prefetch batches in a background thread, as the Data layer does
+R-CNN window file); the segmentation forks' ImageSegData (DeepLab v2) and DenseImageData (SegNet),
+lists of ``image label-image`` pairs. Both prefetch batches in a background thread, as the Data layer does
 (``data_param.prefetch`` batches ahead, default 4; 0 loads each batch in ``forward``).
 
 Images are read as Caffe's ``ReadImageToCVMat`` reads them (``recaffe.data.image_file``): BGR
@@ -475,3 +476,345 @@ class WindowDataLayer(PrefetchingDataLayer):
             log.info("class %d has %d samples", label, hist[label])
         log.info("Amount of context padding: %d", p.context_pad)
         log.info("Crop mode: %s", p.crop_mode)
+
+
+# ------------------------------------------------------------- forks: segmentation image pairs
+def read_pair_list(source: str, with_label: bool = True) -> list[tuple[str, str, int]]:
+    """A list of ``image label`` pairs (whitespace-separated, as C++'s ``>>`` reads them) ->
+    ``[(image, label, line_number)]``; ``with_label`` false reads only the first token (DeepLab's
+    ``label_type: NONE``). Blank lines are skipped; a line lacking its label is an error."""
+    entries = []
+    for lineno, line in enumerate(_read_lines(source, "image list file"), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if with_label and len(tokens) < 2:
+            raise DataFileError(f"{source}:{lineno}: expected '<image path> <label path>', got {line!r}")
+        entries.append((tokens[0], tokens[1] if with_label else "", lineno))
+    if not entries:
+        raise DataFileError(f"the image list file {source!r} lists no images")
+    return entries
+
+
+def resize_nearest(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """OpenCV's ``INTER_NEAREST`` resize: destination pixel i takes source floor(i * src / dst)."""
+    c, h, w = chw.shape
+    rows = np.minimum((np.arange(height) * (h / height)).astype(np.int64), h - 1)
+    cols = np.minimum((np.arange(width) * (w / width)).astype(np.int64), w - 1)
+    return chw[:, rows[:, None], cols[None, :]]
+
+
+class _SegPairReader:
+    """The shared list walking of ImageSegData and DenseImageData: reading position, wrap-around
+    with a reshuffle, and errors that name the list file and line."""
+
+    def __init__(self, entries, source: str, root_folder: str, batch_size: int,
+                 shuffle_rng: np.random.Generator | None, np_dtype):
+        self.entries = entries
+        self.source = source
+        self.root = root_folder
+        self.batch_size = batch_size
+        self.shuffle_rng = shuffle_rng
+        self.pos = 0
+        self.np_dtype = np_dtype
+
+    def shuffle(self) -> None:
+        order = self.shuffle_rng.permutation(len(self.entries))
+        self.entries = [self.entries[i] for i in order]
+
+    def advance(self) -> None:
+        self.pos += 1
+        if self.pos >= len(self.entries):
+            log.debug("Restarting data prefetching from start.")
+            self.pos = 0
+            if self.shuffle_rng is not None:
+                self.shuffle()
+
+    def read(self, path: str, is_color: bool, height: int, width: int, lineno: int) -> np.ndarray:
+        try:
+            return read_image(self.root + path, is_color, height, width)
+        except ImageReadError as e:
+            raise DataFileError(f"{self.source}:{lineno}: {e}") from None
+
+    def fail(self, lineno: int, message: str) -> DataFileError:
+        return DataFileError(f"{self.source}:{lineno}: {message}")
+
+
+class _ImageSegReader(_SegPairReader):
+    """DeepLab v2's ImageSegDataLayer::load_batch and DataTransformer::TransformImgAndSeg."""
+
+    def __init__(self, entries, p: caffe_pb2.ImageDataParameter, tp: caffe_pb2.TransformationParameter,
+                 phase: int, gen: np.random.Generator, shuffle_rng, np_dtype):
+        super().__init__(entries, p.source, p.root_folder, p.batch_size, shuffle_rng, np_dtype)
+        self.p = p
+        self.crop = int(tp.crop_size)
+        self.mirror = bool(tp.mirror)
+        self.scale = np.float64(tp.scale)
+        self.mean_values = list(tp.mean_value)
+        self.train = phase == caffe_pb2.TRAIN
+        self.gen = gen
+
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        path, label_path, lineno = self.entries[index]
+        p = self.p
+        image = self.read(path, p.is_color, p.new_height, p.new_width, lineno)
+        if p.label_type == caffe_pb2.ImageDataParameter.PIXEL:
+            # the fork reads the label image with the image's (bilinear) resize
+            seg = self.read(label_path, False, p.new_height, p.new_width, lineno)
+            if seg.shape[1:] != image.shape[1:]:
+                raise self.fail(lineno, f"label image {label_path!r} is {seg.shape[1]}x{seg.shape[2]}, "
+                                        f"image {path!r} is {image.shape[1]}x{image.shape[2]}")
+        else:
+            if p.label_type == caffe_pb2.ImageDataParameter.IMAGE:
+                try:
+                    value = int(label_path)
+                except ValueError:
+                    raise self.fail(lineno, f"label_type IMAGE needs an integer label, got "
+                                            f"{label_path!r}") from None
+            else:
+                value = p.ignore_label
+            seg = np.full((1, *image.shape[1:]), value, dtype=np.int64)
+        return image, seg
+
+    def item_shape(self, image: np.ndarray) -> tuple[int, int, int]:
+        c, h, w = image.shape
+        return (c, self.crop, self.crop) if self.crop else (c, h, w)
+
+    def mean(self, channels: int) -> np.ndarray:
+        if not self.mean_values:
+            return np.zeros(channels)
+        values = self.mean_values * channels if len(self.mean_values) == 1 else self.mean_values
+        return np.asarray(values[:channels], dtype=np.float64)
+
+    def transform(self, image: np.ndarray, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c, h, w = image.shape
+        mean = self.mean(c)
+        do_mirror = self.mirror and bool(self.gen.integers(2))
+        img = image.astype(np.float64)
+        if self.crop:
+            pad_h, pad_w = max(self.crop - h, 0), max(self.crop - w, 0)
+            if pad_h or pad_w:  # pad at the bottom/right: the image with the mean, the label ignored
+                padded = np.empty((c, h + pad_h, w + pad_w))
+                padded[:] = mean[:, None, None]
+                padded[:, :h, :w] = img
+                img = padded
+                lab = np.full((1, h + pad_h, w + pad_w), self.p.ignore_label, dtype=np.int64)
+                lab[:, :h, :w] = seg
+                seg = lab
+            hh, ww = img.shape[1:]
+            if self.train:
+                h_off = int(self.gen.integers(hh - self.crop + 1))
+                w_off = int(self.gen.integers(ww - self.crop + 1))
+            else:
+                h_off, w_off = (hh - self.crop) // 2, (ww - self.crop) // 2
+            img = img[:, h_off:h_off + self.crop, w_off:w_off + self.crop]
+            seg = seg[:, h_off:h_off + self.crop, w_off:w_off + self.crop]
+        data = (img - mean[:, None, None]) * self.scale if self.mean_values else img * self.scale
+        if do_mirror:
+            data, seg = data[:, :, ::-1], seg[:, :, ::-1]
+        return data.astype(self.np_dtype), seg.astype(self.np_dtype)
+
+    def load_batch(self):
+        datas, labels, dims = [], [], []
+        shape = None
+        for _ in range(self.batch_size):
+            image, seg = self.read_pair(self.pos)
+            item = self.item_shape(image)
+            if shape is None:
+                shape = item
+            elif item != shape:
+                path, _, lineno = self.entries[self.pos]
+                raise self.fail(lineno, f"image {path!r} gives a {'x'.join(map(str, item))} item but its "
+                                        f"batch was shaped {'x'.join(map(str, shape))} by its first image; "
+                                        f"set new_height/new_width or crop_size")
+            data, lab = self.transform(image, seg)
+            datas.append(data)
+            labels.append(lab)
+            dims.append([min(shape[1], image.shape[1]), min(shape[2], image.shape[2])])
+            self.advance()
+        dim = np.asarray(dims, dtype=self.np_dtype).reshape(-1, 1, 1, 2)
+        return torch.from_numpy(np.stack(datas)), torch.from_numpy(np.stack(labels)), torch.from_numpy(dim)
+
+
+def _start_pair_reader(layer, reader, entries_count: int, rand_skip: int, order_rng) -> None:
+    if reader.shuffle_rng is not None:
+        log.info("Shuffling data")
+        reader.shuffle()
+    log.info("A total of %d images.", entries_count)
+    if rand_skip:
+        skip = int(order_rng.integers(rand_skip))
+        log.info("Skipping first %d data points.", skip)
+        if skip >= entries_count:
+            raise layer.error(f"Not enough points to skip: rand_skip drew {skip}, the list has "
+                              f"{entries_count} images")
+        reader.pos = skip
+
+
+@register("ImageSegData")
+class ImageSegDataLayer(PrefetchingDataLayer):
+    """DeepLab v2's images and label maps. ``image_data_param.source`` lists ``image label``
+    lines (``label_type: PIXEL``, the default IMAGE: an integer label filling the map, NONE: image
+    paths only, the map filled with ``ignore_label``). Tops: data (N, C, H, W), label (N, 1, H, W)
+    and data_dim (N, 1, 1, 2), each image's (height, width) after resizing, clipped to the blob's.
+
+    ``new_height``/``new_width`` resize the image and (bilinearly, as the fork) the label image.
+    ``transform_param``: with ``crop_size`` an image smaller than the crop is first padded at the
+    bottom/right with the mean values (its label with ``ignore_label``), then cropped (random in
+    TRAIN, centred in TEST), identically for image and label; ``mirror`` flips both; data =
+    (pixel - mean_value) * scale; labels are the raw values. ``mean_file`` is refused, as the fork.
+    """
+
+    exact_num_top_blobs = 3
+    min_top_blobs = 3
+    max_top_blobs = 3
+    auto_top_blobs = True
+    batch_errors = (DataFileError,)
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.image_data_param
+        tp = self.layer_param.transform_param
+        if tp.HasField("mean_file"):
+            raise self.error("ImageSegData does not support mean_file (use mean_value)")
+        if (p.new_height == 0) != (p.new_width == 0):
+            raise self.error("new_height and new_width must be set at the same time")
+        if p.batch_size <= 0:
+            raise self.error("image_data_param.batch_size must be positive")
+        if len(tp.mean_value) > 1 and len(tp.mean_value) != (3 if p.is_color else 1):
+            raise self.error(f"give one mean_value or one per channel, got {len(tp.mean_value)}")
+        log.info("Opening file %s", p.source)
+        try:
+            entries = read_pair_list(p.source, p.label_type != caffe_pb2.ImageDataParameter.NONE)
+        except DataFileError as e:
+            raise self.error(str(e)) from None
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        order_rng = rng.layer_generator(self.name, self.phase, 1)
+        reader = _ImageSegReader(entries, p, tp, self.phase, rng.layer_generator(self.name, self.phase, 0),
+                                 order_rng if p.shuffle else None, np_dtype)
+        _start_pair_reader(self, reader, len(entries), p.rand_skip, order_rng)
+        try:
+            image, _ = reader.read_pair(reader.pos)
+        except DataFileError as e:
+            raise self.error(str(e)) from None
+        c, h, w = reader.item_shape(image)
+        top[0].reshape((p.batch_size, c, h, w))
+        top[1].reshape((p.batch_size, 1, h, w))
+        top[2].reshape((p.batch_size, 1, 1, 2))
+        log.info("output data size: %d,%d,%d,%d", p.batch_size, c, h, w)
+        self.start_loading(reader)
+
+
+class _DenseImageReader(_SegPairReader):
+    """SegNet's DenseImageDataLayer::InternalThreadEntry."""
+
+    def __init__(self, entries, p: caffe_pb2.DenseImageDataParameter, transformer: DataTransformer,
+                 gen: np.random.Generator, shuffle_rng, np_dtype):
+        super().__init__(entries, p.source, p.root_folder, p.batch_size, shuffle_rng, np_dtype)
+        self.p = p
+        self.transformer = transformer
+        self.gen = gen
+
+    def read_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        path, label_path, lineno = self.entries[index]
+        p = self.p
+        image = self.read(path, p.is_color, p.new_height, p.new_width, lineno)
+        label = self.read(label_path, False, 0, 0, lineno)
+        if p.new_height > 0 and p.new_width > 0:
+            label = resize_nearest(label, p.new_height, p.new_width)
+        if label.shape[1:] != image.shape[1:]:
+            raise self.fail(lineno, f"label image {label_path!r} is {label.shape[1]}x{label.shape[2]}, image "
+                                    f"{path!r} is {image.shape[1]}x{image.shape[2]}: input and label image "
+                                    f"heights and widths must match")
+        return image, label
+
+    def item_shape(self, image: np.ndarray) -> tuple[int, int, int]:
+        p = self.p
+        c, h, w = image.shape
+        return (c, p.crop_height, p.crop_width) if p.crop_height > 0 else (c, h, w)
+
+    def load_batch(self):
+        p = self.p
+        images, labels = [], []
+        shape = None
+        for _ in range(self.batch_size):
+            image, label = self.read_pair(self.pos)
+            path, _, lineno = self.entries[self.pos]
+            if p.mirror and bool(self.gen.integers(2)):
+                image, label = image[:, :, ::-1], label[:, :, ::-1]
+            if p.crop_height > 0:
+                h, w = image.shape[1:]
+                if h < p.crop_height or w < p.crop_width:
+                    raise self.fail(lineno, f"image {path!r} ({h}x{w}) is smaller than the crop "
+                                            f"{p.crop_height}x{p.crop_width}")
+                h_off = int(self.gen.integers(h - p.crop_height + 1))
+                w_off = int(self.gen.integers(w - p.crop_width + 1))
+                image = image[:, h_off:h_off + p.crop_height, w_off:w_off + p.crop_width]
+                label = label[:, h_off:h_off + p.crop_height, w_off:w_off + p.crop_width]
+            item = tuple(image.shape)
+            if shape is None:
+                shape = item
+            elif item != shape:
+                raise self.fail(lineno, f"image {path!r} gives a {'x'.join(map(str, item))} item but its "
+                                        f"batch was shaped {'x'.join(map(str, shape))} by its first image; "
+                                        f"set new_height/new_width or crop_height/crop_width")
+            images.append(np.ascontiguousarray(image))
+            labels.append(label.astype(self.np_dtype))
+            self.advance()
+        try:
+            data = self.transformer.transform_arrays(images)
+        except TransformError as e:
+            raise DataFileError(f"{self.source}: {e}") from None
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(np.stack(labels))
+
+
+@register("DenseImageData")
+class DenseImageDataLayer(PrefetchingDataLayer):
+    """SegNet's images and label images. ``dense_image_data_param.source`` lists ``image label``
+    pairs. Tops: data (N, C, H, W) and label (N, 1, H, W), the label image's raw values.
+
+    ``new_height``/``new_width`` resize the image bilinearly and the label by nearest neighbour;
+    ``mirror`` flips both at random; ``crop_height``/``crop_width`` crop both at one random
+    offset (in every phase, as the fork). ``transform_param`` applies its ``scale`` and mean to
+    the image only; its ``mirror``/``crop_size`` are refused (the fork aborts on them: they would
+    transform the image and the label differently). ``shuffle``, ``rand_skip``, ``root_folder``,
+    ``is_color`` are as in ImageData.
+    """
+
+    exact_num_top_blobs = 2
+    min_top_blobs = 2
+    max_top_blobs = 2
+    auto_top_blobs = True
+    batch_errors = (DataFileError,)
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.dense_image_data_param
+        tp = self.layer_param.transform_param
+        if (p.new_height == 0) != (p.new_width == 0):
+            raise self.error("new_height and new_width must be set at the same time")
+        if (p.crop_height == 0) != (p.crop_width == 0):
+            raise self.error("crop_height and crop_width must be set at the same time")
+        if p.batch_size <= 0:
+            raise self.error("dense_image_data_param.batch_size must be positive")
+        if tp.mirror or tp.crop_size:
+            raise self.error("transform_param mirror/crop_size would transform the image and its label "
+                             "differently; use dense_image_data_param's mirror and crop_height/crop_width")
+        log.info("Opening file %s", p.source)
+        try:
+            entries = read_pair_list(p.source)
+            transformer = DataTransformer(tp, self.phase, rng.layer_generator(self.name, self.phase, 2),
+                                          self.dtype)
+        except (DataFileError, TransformError) as e:
+            raise self.error(str(e)) from None
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        order_rng = rng.layer_generator(self.name, self.phase, 1)
+        reader = _DenseImageReader(entries, p, transformer, rng.layer_generator(self.name, self.phase, 0),
+                                   order_rng if p.shuffle else None, np_dtype)
+        _start_pair_reader(self, reader, len(entries), p.rand_skip, order_rng)
+        try:
+            image, _ = reader.read_pair(reader.pos)
+        except DataFileError as e:
+            raise self.error(str(e)) from None
+        c, h, w = reader.item_shape(image)
+        top[0].reshape((p.batch_size, c, h, w))
+        top[1].reshape((p.batch_size, 1, h, w))
+        log.info("output data size: %d,%d,%d,%d", p.batch_size, c, h, w)
+        self.start_loading(reader)

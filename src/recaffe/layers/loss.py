@@ -587,3 +587,77 @@ class ContrastiveLossLayer(LossLayer):
             if propagate_down[i]:
                 alpha = top[0].diff_t * (sign / bottom[i].shape[0])
                 bottom[i].diff_t = (base * alpha).reshape(bottom[i].shape)
+
+
+# ------------------------------------------------------------------ forks: SegAccuracy
+@register("SegAccuracy")
+class SegAccuracyLayer(Layer):
+    """DeepLab v2's segmentation scores from a confusion matrix (label x prediction).
+
+    bottom[0]: scores (N, C, H, W); bottom[1]: labels (N, 1, H, W). The prediction of a pixel is
+    its argmax over channels (ties go to the higher class index, as the fork's sort of (score,
+    class) pairs). Pixels whose label is one of ``ignore_label`` are skipped; any other label
+    outside [0, C) is an error. Top [1, 1, 1, 3]: pixel accuracy (0 when nothing is counted), the
+    mean recall over the classes present in the labels, and the mean Jaccard (IoU) over all C
+    classes, a class absent from both labels and predictions counting as 1. The matrix is cleared
+    on every forward unless ``reset: false``, which accumulates it across forwards. ``metric`` is
+    parsed and ignored, as in the fork. No backward.
+    """
+
+    exact_num_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.seg_accuracy_param
+        self.ignore = sorted(set(p.ignore_label))
+        self.reset = p.reset
+        self.channels = bottom[0].shape[1] if bottom[0].num_axes == 4 else 0
+        self.confusion = torch.zeros((self.channels, self.channels), dtype=torch.float64)
+
+    def reshape(self, bottom, top):
+        s, lab = bottom[0].shape, bottom[1].shape
+        if len(s) != 4 or len(lab) != 4:
+            raise self.error(f"scores {s} and labels {lab} must both be 4-D (N, C, H, W) and (N, 1, H, W)")
+        if lab[0] != s[0] or lab[1] != 1 or lab[2:] != s[2:]:
+            raise self.error(f"labels {lab} must be (N, 1, H, W) for scores {s}")
+        if s[1] != self.channels:
+            raise self.error(f"scores {s} have {s[1]} classes, the layer was set up for {self.channels}")
+        top[0].reshape((1, 1, 1, 3))
+
+    def forward(self, bottom, top):
+        c = self.channels
+        scores = bottom[0].data_t.detach().cpu().double()
+        # the argmax with ties to the higher index: search the reversed class axis
+        pred = (c - 1) - scores.flip(1).argmax(dim=1)
+        label = bottom[1].data_t.detach().cpu().double()[:, 0].to(torch.int64)  # C's static_cast<int>
+        keep = torch.ones_like(label, dtype=torch.bool)
+        for ig in self.ignore:
+            keep &= label != ig
+        label, pred = label[keep], pred[keep]
+        bad = (label < 0) | (label >= c)
+        if bool(bad.any()):
+            raise self.error(f"unexpected label {int(label[bad][0])}: labels must lie in [0, {c}) or be "
+                             f"one of ignore_label {self.ignore}")
+        if self.reset:
+            self.confusion.zero_()
+        self.confusion += torch.bincount(label * c + pred, minlength=c * c).reshape(c, c).double()
+        m = self.confusion
+        total, diag = m.sum(), m.diagonal()
+        rows, cols = m.sum(1), m.sum(0)
+        accuracy = diag.sum() / total if total > 0 else torch.tensor(0.0, dtype=torch.float64)
+        present = rows > 0
+        recall = (diag[present] / rows[present]).mean() if bool(present.any()) \
+            else torch.tensor(0.0, dtype=torch.float64)
+        union = rows + cols - diag
+        jaccard = torch.where(union == diag, torch.ones_like(diag), diag / union.clamp_min(1)).mean() \
+            if c else torch.tensor(0.0, dtype=torch.float64)
+        out = torch.stack([accuracy, recall, jaccard]).to(self.dtype).to(self.device)
+        top[0].data_t = out.reshape(1, 1, 1, 3)
+
+    def backward(self, top, propagate_down, bottom):
+        if any(propagate_down):
+            raise self.error("SegAccuracy has no backward (it must not be used as a loss); set "
+                             "propagate_down: false on its bottoms")
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return False

@@ -369,3 +369,176 @@ class MVNLayer(Layer):
             y = self._y
             dx = (dx - (dy * y).mean(dim=1, keepdim=True) * y) / self._std
         bottom[0].diff_t = dx.reshape(bottom[0].shape)
+
+
+# ------------------------------------------------------------------ forks: BN
+_BN = caffe_pb2.BNParameter
+_SEGNET_BN_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
+_PSPNET_BN_FIELDS = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")
+
+
+def bn_flavour(param: caffe_pb2.LayerParameter) -> str:
+    """Which fork's ``BN`` a layer is: ``"pspnet"`` or ``"segnet"``.
+
+    Decided by the bn_param fields it sets (SegNet: bn_mode, scale_filler, shift_filler; PSPNet:
+    slope_filler, bias_filler, momentum, eps, frozen, engine; both kinds is an error), else by its
+    param blobs or ParamSpecs (4: PSPNet's scale, shift, running mean, running variance), else
+    SegNet's, the first fork to define the type.
+    """
+    p = param.bn_param
+    segnet = [f for f in _SEGNET_BN_FIELDS if p.HasField(f)]
+    pspnet = [f for f in _PSPNET_BN_FIELDS if p.HasField(f)]
+    if segnet and pspnet:
+        raise ValueError(f"BN layer {param.name!r}: bn_param mixes SegNet's fields ({', '.join(segnet)}) "
+                         f"with PSPNet's ({', '.join(pspnet)}); a BN layer is one fork's or the other's")
+    if segnet:
+        return "segnet"
+    if pspnet or len(param.blobs) == 4 or len(param.param) == 4:
+        return "pspnet"
+    return "segnet"
+
+
+@register("BN")
+class BNLayer(Layer):
+    """``BN``, the per-channel batch normalization with its own scale and shift that two forks
+    define differently; :func:`bn_flavour` tells which one a layer is.
+
+    **SegNet's** (alexgkendall/caffe-segnet): blobs scale and shift, [1, C, 1, 1], filled by
+    ``scale_filler``/``shift_filler``. ``bn_mode: LEARN`` normalizes with the batch statistics
+    over (N, H, W) in *any* phase: mean, biased variance E[x^2] - E[x]^2, eps 1e-9 (fixed), top =
+    scale * x_hat + shift; optional tops 2 and 3 are the batch mean and variance (without eps),
+    [1, C, 1, 1]; their diffs are ignored. ``bn_mode: INFERENCE`` is top = scale * x + shift (SegNet
+    folds the population statistics into scale/shift offline). Backward writes (does not add) the
+    scale and shift diffs, as the fork does.
+
+    **PSPNet's** (hszhao/PSPNet): blobs slope, bias, running mean, running variance, each
+    [1, C, 1, 1] (``slope_filler``, ``bias_filler``; mean 0, variance 0, or 1 when ``frozen``). The
+    running statistics get lr_mult/decay_mult 0, and with ``frozen`` slope and bias too. TRAIN (not
+    frozen): batch mean and biased variance, and the running ones updated as ``(1 - momentum) *
+    batch + momentum * running``; TEST or ``frozen``: the running statistics. top = slope * (x -
+    mean) / sqrt(var + eps) + bias. Backward: frozen, ``dx = dy * slope / sqrt(var + eps)`` and no
+    param diffs; otherwise the batch-norm gradient through the statistics it normalized with (in
+    TEST too, as the fork), slope and bias diffs added.
+    """
+
+    exact_num_bottom_blobs = 1
+    min_top_blobs = 1
+    max_top_blobs = 3
+
+    def layer_setup(self, bottom, top):
+        try:
+            self.flavour = bn_flavour(self.layer_param)
+        except ValueError as e:
+            raise self.error(str(e).split(": ", 1)[1]) from None
+        if bottom[0].num_axes != 4:
+            raise self.error(f"bottom must be 4-D (N, C, H, W), got shape {bottom[0].shape}")
+        c = bottom[0].shape[1]
+        self.channels = c
+        p = self.layer_param.bn_param
+        shape = (1, c, 1, 1)
+        if self.flavour == "segnet":
+            self.learn = p.bn_mode == _BN.LEARN
+            self.eps = 1e-9
+            if not self.check_blobs([shape, shape]):
+                self.blobs = [self.new_blob(shape), self.new_blob(shape)]
+                fill(self.blobs[0], p.scale_filler)
+                fill(self.blobs[1], p.shift_filler)
+            self.param_propagate_down = [True, True]
+            return
+        if len(top) > 1:
+            raise self.error(f"PSPNet's BN has exactly one top, got {len(top)} (the mean/variance tops "
+                             f"are SegNet's, with bn_mode)")
+        self.frozen = p.frozen
+        self.momentum = p.momentum
+        self.eps = p.eps
+        if not self.check_blobs([shape] * 4):
+            self.blobs = [self.new_blob(shape) for _ in range(4)]
+            fill(self.blobs[0], p.slope_filler)
+            fill(self.blobs[1], p.bias_filler)
+            self.blobs[3].data_t.fill_(1.0 if self.frozen else 0.0)
+        while len(self.layer_param.param) < 4:
+            self.layer_param.param.add()
+        for i in (0, 1, 2, 3) if self.frozen else (2, 3):
+            self.layer_param.param[i].lr_mult = 0.0
+            self.layer_param.param[i].decay_mult = 0.0
+        self.param_propagate_down = [True] * 4
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes != 4 or b.shape[1] != self.channels:
+            raise self.error(f"bottom {b.shape} must be 4-D with the {self.channels} channels the layer "
+                             f"was set up for")
+        if top[0] is not b:
+            top[0].reshape_like(b)
+        for t in top[1:]:
+            t.reshape((1, self.channels, 1, 1))
+
+    @staticmethod
+    def _channel(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1, 1, 1)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t
+        scale, shift = self.blobs[0].data_t, self.blobs[1].data_t
+        if self.flavour == "segnet":
+            if not self.learn:
+                top[0].data_t = x * scale + shift
+                return
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = (x * x).mean(dim=(0, 2, 3), keepdim=True) - mean * mean
+            if len(top) > 1:
+                top[1].data_t = mean.clone()
+            if len(top) > 2:
+                top[2].data_t = var.clone()
+            self._std = torch.sqrt(var + self.eps)
+            self._x_hat = (x - mean) / self._std
+            top[0].data_t = self._x_hat * scale + shift
+            return
+        if self.frozen or self.phase == caffe_pb2.TEST:
+            mean, var = self.blobs[2].data_t, self.blobs[3].data_t
+        else:
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+            m = self.momentum
+            self.blobs[2].data_t.mul_(m).add_((1 - m) * mean)
+            self.blobs[3].data_t.mul_(m).add_((1 - m) * var)
+        inv_std = 1.0 / torch.sqrt(var + self.eps)
+        x_hat = (x - mean) * inv_std
+        if not self.frozen:
+            self._x_hat, self._inv_std = x_hat, inv_std
+        top[0].data_t = x_hat * scale + shift
+
+    def backward(self, top, propagate_down, bottom):
+        dy = top[0].diff_t
+        scale = self.blobs[0].data_t
+        axes = (0, 2, 3)
+        if self.flavour == "segnet":
+            if not self.learn:
+                self.blobs[0].diff_t = (bottom[0].data_t * dy).sum(dim=axes, keepdim=True)
+                self.blobs[1].diff_t = dy.sum(dim=axes, keepdim=True)
+                if propagate_down[0]:
+                    bottom[0].diff_t = dy * scale
+                return
+            x_hat = self._x_hat
+            self.blobs[0].diff_t = (x_hat * dy).sum(dim=axes, keepdim=True)
+            self.blobs[1].diff_t = dy.sum(dim=axes, keepdim=True)
+            if propagate_down[0]:
+                bottom[0].diff_t = self._normalized_gradient(dy * scale, x_hat) / self._std
+            return
+        if self.frozen:
+            if propagate_down[0]:
+                bottom[0].diff_t = dy * scale / torch.sqrt(self.blobs[3].data_t + self.eps)
+            return
+        x_hat = self._x_hat
+        if self.param_propagate_down[0]:
+            self.blobs[0].diff_t.add_((x_hat * dy).sum(dim=axes, keepdim=True))
+        if self.param_propagate_down[1]:
+            self.blobs[1].diff_t.add_(dy.sum(dim=axes, keepdim=True))
+        if propagate_down[0]:
+            bottom[0].diff_t = self._normalized_gradient(dy * scale, x_hat) * self._inv_std
+
+    @staticmethod
+    def _normalized_gradient(g: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """g - mean(g) - x_hat * mean(g * x_hat), the means over (N, H, W)."""
+        axes = (0, 2, 3)
+        return g - g.mean(dim=axes, keepdim=True) - x_hat * (g * x_hat).mean(dim=axes, keepdim=True)

@@ -1,4 +1,6 @@
-"""Vision layers: Convolution, Deconvolution, Pooling, LRN, SPP, Im2col, Crop.
+"""Vision layers: Convolution, Deconvolution, Pooling, LRN, SPP, Im2col, Crop; and the forks'
+resampling layers Interp (DeepLab v2, PSPNet) and Upsample (SegNet's unpooling by mask, the
+YOLOv3 ports' nearest-neighbour form).
 
 Shapes, defaults, parameter checks and numbers follow Caffe; the arithmetic runs on torch's
 kernels (conv1d/2d/3d, max/avg pooling and their backward kernels). Everything derivable from the
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -835,3 +838,207 @@ class CropLayer(Layer):
         dx = torch.zeros(bottom[0].shape, dtype=self.dtype, device=self.device)
         dx[self._slices] = top[0].diff_t
         bottom[0].diff_t = dx
+
+
+# ------------------------------------------------------------------ forks: Interp and Upsample
+def interp_matrix(size_in: int, size_eff: int, offset: int, size_out: int) -> np.ndarray:
+    """The (size_out, size_in) matrix of DeepLab's 1-D align-corners interpolation
+    (``caffe_cpu_interp2``): output i samples the cropped input [offset, offset + size_eff) at
+    ``r * i`` with ``r = (size_eff - 1) / (size_out - 1)`` in float32, the weights ``1 - l`` and
+    ``l`` taken in float32 from the integer part; the last row/column has no right neighbour.
+    Rows of the input outside the crop get no weight."""
+    m = np.zeros((size_out, size_in), dtype=np.float64)
+    if size_eff == size_out:
+        m[np.arange(size_out), offset + np.arange(size_out)] = 1.0
+        return m
+    r = np.float32(size_eff - 1) / np.float32(size_out - 1) if size_out > 1 else np.float32(0.0)
+    pos = (r * np.arange(size_out, dtype=np.float32)).astype(np.float32)
+    low = pos.astype(np.int64)  # truncation, as C's float -> int
+    lam = (pos - low.astype(np.float32)).astype(np.float32).astype(np.float64)
+    step = (low < size_eff - 1).astype(np.int64)
+    rows = np.arange(size_out)
+    np.add.at(m, (rows, offset + low), 1.0 - lam)
+    np.add.at(m, (rows, offset + low + step), lam)
+    return m
+
+
+@register("Interp")
+class InterpLayer(Layer):
+    """DeepLab v2's (and PSPNet's, the same code) bilinear resize with aligned corners.
+
+    The bottom is first cropped by ``pad_beg``/``pad_end`` (both <= 0: a negative pad_beg drops
+    the first rows *and* columns, pad_end the last ones), giving ``in_eff = in + pad_beg +
+    pad_end``. The output size, checked in this order: ``shrink_factor`` alone ->
+    ``(in_eff - 1) / s + 1``; ``zoom_factor`` alone -> ``in_eff + (in_eff - 1)(z - 1)``; both
+    ``height`` and ``width`` -> them; shrink and zoom -> shrink then zoom. Shrinking is the same
+    point sampling (no averaging). Forward is ``Mh @ x @ Mw^T`` with the 1-D matrices of
+    :func:`interp_matrix`; backward is its exact adjoint (cropped positions get diff 0).
+    """
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.interp_param
+        self.pad_beg, self.pad_end = p.pad_beg, p.pad_end
+        if self.pad_beg > 0 or self.pad_end > 0:
+            raise self.error(f"only non-positive padding (cropping) is supported, got pad_beg "
+                             f"{self.pad_beg}, pad_end {self.pad_end}")
+        has = p.HasField
+        if has("shrink_factor") and p.shrink_factor < 1:
+            raise self.error(f"shrink_factor must be positive, got {p.shrink_factor}")
+        if has("zoom_factor") and p.zoom_factor < 1:
+            raise self.error(f"zoom_factor must be positive, got {p.zoom_factor}")
+        if not (has("shrink_factor") or has("zoom_factor") or (has("height") and has("width"))):
+            raise self.error("interp_param needs zoom_factor, shrink_factor, or both height and width")
+        self._key = None
+
+    def _output_size(self, size_eff: int, explicit: int) -> int:
+        p = self.layer_param.interp_param
+        shrink, zoom = p.HasField("shrink_factor"), p.HasField("zoom_factor")
+        if shrink and not zoom:
+            return (size_eff - 1) // p.shrink_factor + 1
+        if zoom and not shrink:
+            return size_eff + (size_eff - 1) * (p.zoom_factor - 1)
+        if p.HasField("height") and p.HasField("width"):
+            return explicit
+        out = (size_eff - 1) // p.shrink_factor + 1
+        return out + (out - 1) * (p.zoom_factor - 1)
+
+    def reshape(self, bottom, top):
+        b = bottom[0]
+        if b.num_axes != 4:
+            raise self.error(f"bottom must be 4-D (N, C, H, W), got shape {b.shape}")
+        key = b.shape
+        if key != self._key:
+            p = self.layer_param.interp_param
+            n, c, h, w = b.shape
+            h_eff, w_eff = h + self.pad_beg + self.pad_end, w + self.pad_beg + self.pad_end
+            if h_eff <= 0 or w_eff <= 0:
+                raise self.error(f"cropping by pad_beg {self.pad_beg} and pad_end {self.pad_end} leaves "
+                                 f"nothing of bottom shape {b.shape}")
+            oh, ow = self._output_size(h_eff, p.height), self._output_size(w_eff, p.width)
+            if oh <= 0 or ow <= 0:
+                raise self.error(f"output size {oh}x{ow} must be positive (bottom shape {b.shape})")
+            off = -self.pad_beg
+            self._mh = torch.as_tensor(interp_matrix(h, h_eff, off, oh), dtype=self.dtype, device=self.device)
+            self._mw = torch.as_tensor(interp_matrix(w, w_eff, off, ow), dtype=self.dtype, device=self.device)
+            self._top_shape = (n, c, oh, ow)
+            self._key = key
+        top[0].reshape(self._top_shape)
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t
+        top[0].data_t = torch.matmul(torch.matmul(self._mh, x), self._mw.t()).contiguous()
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff_t
+        bottom[0].diff_t = torch.matmul(torch.matmul(self._mh.t(), dy), self._mw).contiguous()
+
+
+@register("Upsample")
+class UpsampleLayer(Layer):
+    """``Upsample``, one type name for two forks, told apart by the number of bottoms:
+
+    * **two bottoms (data, mask): SegNet's unpooling** (alexgkendall/caffe-segnet). The mask is
+      the argmax top of a MAX Pooling (index ``h * W + w`` in each (n, c) plane of the pooling's
+      input). The top, ``upsample_h`` x ``upsample_w`` when both are set, else ``H * scale_h -
+      pad_out_h`` x ``W * scale_w - pad_out_w`` (``scale`` for both, default 2; ``pad_out_*`` only
+      with scale 2), is zero except ``top[mask[i]] = data[i]``; backward gathers
+      ``bottom_diff[i] = top_diff[mask[i]]``. No gradient goes to the mask. A mask index outside
+      the top plane is an error.
+    * **one bottom: the YOLOv3 ports' nearest-neighbour upsampling** (darknet2caffe's
+      ``upsample_param { scale: 2 }``): every pixel repeated ``scale`` x ``scale`` times; backward
+      sums each block. Only ``scale`` applies to this form.
+    """
+
+    min_bottom_blobs = 1
+    max_bottom_blobs = 2
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        p = self.layer_param.upsample_param
+        has = p.HasField
+        self.unpool = len(bottom) == 2
+        if not self.unpool:
+            extra = [f for f in ("scale_h", "scale_w", "upsample_h", "upsample_w", "pad_out_h", "pad_out_w")
+                     if has(f)]
+            if extra:
+                raise self.error(f"with one bottom (the YOLOv3 ports' nearest-neighbour Upsample) only "
+                                 f"upsample_param.scale applies; {', '.join(extra)} need SegNet's "
+                                 f"second bottom, the pooling mask")
+            if p.scale < 1:
+                raise self.error(f"scale must be positive, got {p.scale}")
+            self.scale = p.scale
+            return
+        if not ((has("upsample_h") and has("upsample_w"))
+                or (not has("scale") and has("scale_h") and has("scale_w"))
+                or (not has("scale_h") and not has("scale_w"))):
+            raise self.error("upsample_h and upsample_w are required, else (deprecated) scale or both "
+                             "scale_h and scale_w")
+        if has("upsample_h") and has("upsample_w"):
+            self.size = (p.upsample_h, p.upsample_w)
+            if p.upsample_h <= 1 or p.upsample_w <= 1:
+                raise self.error(f"upsample_h and upsample_w must be > 1, got {p.upsample_h}x{p.upsample_w}")
+            return
+        self.size = None
+        self.scale_hw = (p.scale_h, p.scale_w) if has("scale_h") else (p.scale, p.scale)
+        if min(self.scale_hw) <= 1:
+            raise self.error(f"the scale must be > 1, got {self.scale_hw[0]}x{self.scale_hw[1]}")
+        self.pad_out = (int(p.pad_out_h), int(p.pad_out_w))
+        for axis, pad, s in zip("hw", self.pad_out, self.scale_hw):
+            if pad and s != 2:
+                raise self.error(f"pad_out_{axis} requires scale_{axis} == 2 (got {s}): otherwise the "
+                                 f"output size is ill-defined")
+
+    def reshape(self, bottom, top):
+        x = bottom[0]
+        if x.num_axes != 4:
+            raise self.error(f"bottom[0] must be 4-D (N, C, H, W), got shape {x.shape}")
+        n, c, h, w = x.shape
+        if not self.unpool:
+            top[0].reshape((n, c, h * self.scale, w * self.scale))
+            return
+        if bottom[1].shape != x.shape:
+            raise self.error(f"the mask bottom[1] {bottom[1].shape} must have the data bottom[0]'s shape "
+                             f"{x.shape}")
+        if self.size is not None:
+            oh, ow = self.size
+        else:
+            oh = h * self.scale_hw[0] - self.pad_out[0]
+            ow = w * self.scale_hw[1] - self.pad_out[1]
+        top[0].reshape((n, c, oh, ow))
+
+    def _mask_index(self, mask: torch.Tensor, plane: int) -> torch.Tensor:
+        idx = mask.reshape(mask.shape[0], mask.shape[1], -1).to(torch.int64)  # C's static_cast<int>
+        if idx.numel() and (int(idx.max()) >= plane or int(idx.min()) < 0):
+            bad = int(idx.max()) if int(idx.max()) >= plane else int(idx.min())
+            raise self.error(f"mask index {bad} out of range for the {plane}-pixel top plane: check that "
+                             f"the upsample size matches the input of the pooling layer that made the mask")
+        return idx
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t
+        n, c, oh, ow = top[0].shape
+        if not self.unpool:
+            s = self.scale
+            top[0].data_t = x.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
+            return
+        idx = self._mask_index(bottom[1].data_t, oh * ow)
+        y = torch.zeros((n, c, oh * ow), dtype=x.dtype, device=x.device)
+        y.scatter_(2, idx, x.reshape(n, c, -1))
+        top[0].data_t = y.reshape(n, c, oh, ow)
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        dy = top[0].diff_t
+        n, c, h, w = bottom[0].shape
+        if not self.unpool:
+            s = self.scale
+            bottom[0].diff_t = dy.reshape(n, c, h, s, w, s).sum(dim=(3, 5))
+            return
+        idx = self._mask_index(bottom[1].data_t, dy.shape[2] * dy.shape[3])
+        bottom[0].diff_t = torch.gather(dy.reshape(n, c, -1), 2, idx).reshape(n, c, h, w)

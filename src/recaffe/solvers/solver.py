@@ -53,6 +53,11 @@ class Solver:
             raise SolverError("average_loss should be non-negative (>= 1)")
         if param.iter_size < 1:
             raise SolverError("iter_size must be >= 1")
+        if param.eval_type not in ("classification", "detection"):
+            raise SolverError(f"eval_type {param.eval_type!r}: recaffe knows 'classification' and the SSD "
+                              "fork's 'detection'")
+        if param.eval_type == "detection" and param.ap_version not in ("11point", "MaxIntegral", "Integral"):
+            raise SolverError(f"ap_version {param.ap_version!r}: one of 11point, MaxIntegral, Integral")
         if param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
                 and _device.mode() == "cpu":
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
@@ -265,6 +270,9 @@ class Solver:
         """Run test net ``test_net_id`` for its ``test_iter`` batches; log and return the mean of
         each output element (keyed ``name``, or ``name[k]`` for outputs with several elements)."""
         p = self.param
+        if p.eval_type == "detection":  # the SSD fork's test mode (detection_metrics.py)
+            from ..detection_metrics import run_detection_test
+            return run_detection_test(self, test_net_id)
         log.info("Iteration %d, Testing net (#%d)", self.iter, test_net_id)
         net = self.test_nets[test_net_id]
         net.share_with(self.net)

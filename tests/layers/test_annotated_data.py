@@ -1,0 +1,149 @@
+"""AnnotatedData (SSD fork): records written by convert_annoset come out with their boxes, and the
+boxes follow the pixels through mirror, expansion, sampled crops, resize and distortion."""
+import numpy as np
+import pytest
+from helpers import make_net
+from PIL import Image
+
+from recaffe.data.annoset import convert_annoset
+from recaffe.data.annotated_transform import (
+    bgr_to_hsv,
+    generate_batch_samples,
+    hsv_to_bgr,
+    jaccard,
+    satisfies,
+)
+from recaffe.layer import LayerError
+from recaffe.proto import caffe_pb2
+
+BG, FG = 40, 250
+
+
+def make_db(tmp_path, boxes_per_image, size=(48, 64), encoded=False):
+    """Images of background BG with each object box painted FG; VOC files; an LMDB."""
+    root = tmp_path / "img"
+    root.mkdir()
+    lines = []
+    h, w = size
+    for k, boxes in enumerate(boxes_per_image):
+        img = np.full((h, w, 3), BG, np.uint8)
+        objs = []
+        for (x0, y0, x1, y1) in boxes:
+            img[y0:y1, x0:x1] = FG
+            objs.append(f"<object><name>thing</name><difficult>0</difficult><bndbox><xmin>{x0}</xmin>"
+                        f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+        Image.fromarray(img).save(root / f"{k}.png")
+        (root / f"{k}.xml").write_text(f"<annotation><size><width>{w}</width><height>{h}</height></size>"
+                                       + "".join(objs) + "</annotation>")
+        lines.append(f"{k}.png {k}.xml")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "lm.prototxt").write_text('item { name: "none" label: 0 } item { name: "thing" label: 1 }')
+    convert_annoset(str(root) + "/", str(tmp_path / "list.txt"), str(tmp_path / "db"), anno_type="detection",
+                    label_map_file=str(tmp_path / "lm.prototxt"), encoded=encoded)
+    return str(tmp_path / "db")
+
+
+def net(db, batch, transform="", sampler="", phase=caffe_pb2.TRAIN):
+    return make_net(f"""
+layer {{ name: "d" type: "AnnotatedData" top: "data" top: "label"
+  data_param {{ source: "{db}" backend: LMDB batch_size: {batch} prefetch: 0 }}
+  transform_param {{ {transform} }}
+  annotated_data_param {{ {sampler} }} }}""", phase)
+
+
+def boxes_follow_pixels(data, label, check_outside=True):
+    """Every labelled box's interior is foreground and (unless an emit constraint may drop boxes
+    that are partly in view) the image outside all boxes is not."""
+    n, _, h, w = data.shape
+    rows = label.reshape(-1, 8)
+    inside = np.zeros((n, h, w), bool)
+    for item, _, _, x0, y0, x1, y1, _ in rows:
+        if item < 0:
+            continue
+        X0, Y0, X1, Y1 = int(np.ceil(x0 * w)) + 1, int(np.ceil(y0 * h)) + 1, int(x1 * w) - 1, int(y1 * h) - 1
+        if X1 - X0 >= 2 and Y1 - Y0 >= 2:
+            patch = data[int(item), :, Y0:Y1, X0:X1]
+            assert patch.mean() > 200, f"box {x0, y0, x1, y1} of item {item} is not on the object"
+        # 2 pixels of slack: crops are cut at whole pixels while boxes keep the sampled fractions
+        inside[int(item), max(0, int(y0 * h) - 2):int(np.ceil(y1 * h)) + 2,
+               max(0, int(x0 * w) - 2):int(np.ceil(x1 * w)) + 2] = True
+    for i in range(n if check_outside else 0):
+        outside = data[i][:, ~inside[i]]
+        if outside.size:
+            assert (outside < 200).all(), f"item {i} has foreground where no box is"
+
+
+def test_plain_records(tmp_path):
+    db = make_db(tmp_path, [[(8, 4, 24, 20)], [(30, 10, 60, 40), (2, 2, 10, 10)]])
+    n = net(db, 2)
+    n.forward()
+    data, label = n.blobs["data"].data, n.blobs["label"].data
+    assert data.shape == (2, 3, 48, 64) and label.shape == (1, 1, 3, 8)
+    np.testing.assert_allclose(label.reshape(-1, 8), [
+        [0, 1, 0, 8 / 64, 4 / 48, 24 / 64, 20 / 48, 0],
+        [1, 1, 0, 30 / 64, 10 / 48, 60 / 64, 40 / 48, 0],
+        [1, 1, 1, 2 / 64, 2 / 48, 10 / 64, 10 / 48, 0]], rtol=1e-6)
+    assert data[0, :, 10, 10].tolist() == [FG] * 3 and data[0, :, 30, 40].tolist() == [BG] * 3
+
+
+def test_no_boxes_gives_one_row_of_minus_one(tmp_path):
+    db = make_db(tmp_path, [[]])
+    n = net(db, 1)
+    n.forward()
+    assert n.blobs["label"].data.tolist() == [[[[-1.0] * 8]]]
+
+
+@pytest.mark.parametrize("transform, sampler", [
+    ("mirror: true", ""),
+    ('mirror: true expand_param { prob: 1 max_expand_ratio: 3 } mean_value: 10 '
+     'resize_param { resize_mode: WARP height: 60 width: 60 }', ""),
+    ("resize_param { prob: 1 resize_mode: WARP height: 40 width: 40 interp_mode: LINEAR }",
+     "batch_sampler { sampler { min_scale: 0.4 max_scale: 1 min_aspect_ratio: 0.5 max_aspect_ratio: 2 } "
+     "sample_constraint { min_jaccard_overlap: 0.1 } max_sample: 1 max_trials: 50 }"),
+    ("crop_size: 32", ""),
+    ("crop_size: 32 emit_constraint { emit_type: CENTER }", ""),
+    ("distort_param { brightness_prob: 1 brightness_delta: 8 contrast_prob: 0.5 contrast_lower: 0.9 "
+     "contrast_upper: 1.1 }", ""),
+])
+def test_boxes_follow_the_pixels(tmp_path, transform, sampler):
+    db = make_db(tmp_path, [[(8, 4, 24, 20)], [(30, 10, 60, 40), (2, 26, 14, 44)], [(20, 20, 44, 40)]])
+    n = net(db, 3, transform, sampler)
+    for _ in range(4):
+        n.forward()
+        boxes_follow_pixels(n.blobs["data"].data, n.blobs["label"].data, "emit_constraint" not in transform)
+
+
+def test_sampled_crops_satisfy_their_constraint():
+    rng = np.random.default_rng(0)
+    bs = caffe_pb2.BatchSampler(max_sample=1, max_trials=50)
+    bs.sampler.min_scale, bs.sampler.max_scale = 0.3, 1.0
+    bs.sampler.min_aspect_ratio, bs.sampler.max_aspect_ratio = 0.5, 2.0
+    bs.sample_constraint.min_jaccard_overlap = 0.5
+    objects = np.array([[0.1, 0.1, 0.5, 0.6], [0.6, 0.5, 0.9, 0.9]])
+    for _ in range(30):
+        for s in generate_batch_samples(objects, [bs], rng):
+            assert (0 <= s).all() and (s <= 1).all()
+            assert max(jaccard(s, objects)) >= 0.5
+    # the fork's quirk: one kind met by some object is enough even if another object fails the next kind
+    c = caffe_pb2.SampleConstraint(min_jaccard_overlap=0.5, min_object_coverage=0.99)
+    sample = np.array([0.1, 0.1, 0.5, 0.6])
+    assert satisfies(sample, objects[:1], c)
+    assert not satisfies(np.array([0.0, 0.0, 0.05, 0.05]), objects, c)
+
+
+def test_hsv_matches_opencv_primaries():
+    bgr = np.array([[[0, 0, 255, 128]], [[0, 255, 0, 128]], [[255, 0, 0, 128]]], np.uint8)  # red green blue grey
+    hsv = bgr_to_hsv(bgr)
+    assert hsv[:, 0].T.tolist() == [[0, 255, 255], [60, 255, 255], [120, 255, 255], [0, 0, 128]]
+    np.testing.assert_array_equal(hsv_to_bgr(hsv), bgr)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    assert np.abs(hsv_to_bgr(bgr_to_hsv(x)).astype(int) - x).max() <= 5  # 8-bit hue: 2-degree steps
+
+
+def test_errors(tmp_path):
+    db = make_db(tmp_path, [[(8, 4, 24, 20)]])
+    with pytest.raises(LayerError, match="crop_size 100"):
+        net(db, 1, "crop_size: 100").forward()
+    with pytest.raises(LayerError, match="max_trials"):
+        net(db, 1, "", "batch_sampler { max_trials: 0 }")
