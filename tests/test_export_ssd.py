@@ -128,3 +128,9 @@ def test_onnx_detection_output_declares_a_dynamic_row_count():
     assert [d.dim_value or d.dim_param for d in dims] == [1, 1, "y_rows", 7]
     out = _session(model).run(None, {k: v.astype(np.float32) for k, v in feed.items()})[0]
     assert out.shape[:2] == (1, 1) and out.shape[3] == 7
+
+
+def test_ssd_training_layers_are_refused_with_the_reason():
+    layers = L("SmoothL1Loss", "", bottom=("x0", "x1"))
+    with pytest.raises(ExportError, match="SmoothL1Loss layer 'y': SmoothL1Loss is a training loss"):
+        build_graph(_net(layers, [(2, 3), (2, 3)]))

@@ -6,6 +6,7 @@ when ``recaffe.export`` is imported. See docs/export.md ("SSD layers").
 * Permute: ONNX Transpose / ``permute``.
 * Normalize: the L2 norm (over C*H*W or over C) plus eps, the division, the scale.
 * PriorBox: a constant (its values depend only on shapes and params), computed by the layer itself.
+* SmoothL1Loss, MultiBoxLoss, DetectionEvaluate: refused with the reason (losses, scoring).
 * DetectionOutput: the decode as explicit ops; per-class candidate selection (TopK of ``top_k``),
   ONNX NonMaxSuppression on each (image, class) row, ``keep_top_k`` per image through a TopK
   threshold, NonZero for the fork's row order, and the fork's empty-output rows. ONNX's NMS has no
@@ -22,10 +23,19 @@ import numpy as np
 from .. import boxes
 from ..layers import detection as det
 from . import torch_export
-from .graph import ALIAS, Lowered, Param
+from .graph import ALIAS, REFUSED, Lowered, Param
 from .lowering import FLT_MAX, lowers
 from .onnx_export import _reshape_to, _x, _y, emits as onnx_emits
 from .torch_export import _num, _tup, emits as torch_emits
+
+
+# ------------------------------------------------------------------------------ refused
+REFUSED["SmoothL1Loss"] = ("SmoothL1Loss is a training loss with no inference equivalent: export a deploy "
+                           "net (without losses)")
+REFUSED["MultiBoxLoss"] = ("MultiBoxLoss is SSD's training loss with no inference equivalent: export the deploy "
+                           "net (DetectionOutput instead)")
+REFUSED["DetectionEvaluate"] = ("DetectionEvaluate scores detections against ground truth (test-time mAP): it "
+                                "has no inference equivalent; export the deploy net")
 
 
 # ------------------------------------------------------------------------------ lowerings
