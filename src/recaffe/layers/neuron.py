@@ -27,8 +27,12 @@ class NeuronLayer(Layer):
             top[0].reshape_like(bottom[0])
 
     def _keep_input(self, bottom, top, x: torch.Tensor) -> None:
-        """Remember the input when running in place (forward is about to replace it)."""
-        self._kept_input = x if top[0] is bottom[0] else None
+        """Remember the input when running in place (forward is about to replace it; a live blob
+        gets the result written over its memory, so keep a copy then)."""
+        if top[0] is not bottom[0]:
+            self._kept_input = None
+        else:
+            self._kept_input = x.clone() if bottom[0].data_is_live else x
 
     def _input(self, top, bottom) -> torch.Tensor:
         """The forward's input for backward: the kept one in place, else the bottom's data."""
