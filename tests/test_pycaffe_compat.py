@@ -138,6 +138,19 @@ def test_solver_count_and_rank_setters():
         caffe.set_multiprocess(False)
 
 
+def test_each_solver_seeds_with_seed_plus_rank(tmp_path):
+    try:
+        caffe.set_solver_count(2)
+        caffe.set_solver_rank(1)
+        rank1 = _solver(tmp_path).net.params["ip"][0].data.copy()  # random_seed: 3
+    finally:
+        caffe.set_solver_count(1)
+        caffe.set_solver_rank(0)
+    text = SOLVER_NET.replace("random_seed: 3", "random_seed: 4")
+    other_seed = caffe.get_solver(write(tmp_path, "seed4.prototxt", text)).net.params["ip"][0].data
+    np.testing.assert_array_equal(rank1, other_seed)
+
+
 def test_nccl_alone_is_a_callback_that_changes_nothing(tmp_path):
     plain, with_nccl = _solver(tmp_path), _solver(tmp_path)
     nccl = caffe.NCCL(with_nccl, caffe.NCCL.new_uid())

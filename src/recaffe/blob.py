@@ -246,10 +246,11 @@ class Blob:
         self._share(self._diff, other, other._diff, other.diff_t)
 
     def _share(self, s: _Synced, other: "Blob", other_s: _Synced, t: torch.Tensor) -> None:
-        if s.tensor is not None and s.live is not None and s.tensor.data_ptr() == t.data_ptr():
-            return  # already sharing this memory (a layer re-sharing at every forward)
+        if self._on_cpu:
+            if s.live is not None and s.tensor is not None and s.tensor.data_ptr() == t.data_ptr():
+                return  # already sharing this memory (a layer re-sharing at every forward)
+            s.live = None  # arrays over our old memory go stale, as in Caffe
         s.tensor = t.reshape(self._shape)
-        s.live = None  # arrays over our old memory go stale, as in Caffe
         s.shared_from = (other, other_s)
         s.host = None
         s.host_newer = False

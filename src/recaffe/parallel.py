@@ -244,8 +244,6 @@ def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, 
     set_solver_rank(rank, world)
     param = caffe_pb2.SolverParameter()
     param.ParseFromString(solver_bytes)
-    if param.random_seed >= 0:
-        param.random_seed += rank
     solver = create_solver(param, source=source)
     if snapshot:
         solver.restore(snapshot)

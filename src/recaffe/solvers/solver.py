@@ -15,6 +15,7 @@ from ..io.netfiles import read_net_text
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
+from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
 from .lr_policies import learning_rate
 
@@ -58,7 +59,8 @@ class Solver:
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
                      "for CUDA); training on CPU")
         if param.random_seed >= 0:
-            rng.set_random_seed(param.random_seed)
+            # Caffe's Solver::Init: each of several solvers (caffe.NCCL, -gpu 0,1) seeds with seed + rank.
+            rng.set_random_seed(param.random_seed + solver_rank_and_count()[0])
         self.callbacks: list[tuple[Callable | None, Callable | None]] = []
         self.requested_early_exit = False
         self.action_request: Callable[[], str] | None = None
