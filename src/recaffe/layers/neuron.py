@@ -2,8 +2,9 @@
 
 In place (``top[0] is bottom[0]``) a forward replaces the blob's data with the output. Where
 Caffe's backward reads the bottom data, a layer that may run in place keeps a reference to the
-input tensor it was given (Caffe copies it into ``bottom_memory_``); forward always hands the
-blob a fresh tensor, so the kept one is never overwritten.
+input tensor it was given (Caffe copies it into ``bottom_memory_``); forward hands the blob a
+fresh tensor, so the kept one is not overwritten, except on a blob whose array Python holds (the
+result is then written over its memory): there the input is kept as a copy.
 """
 from __future__ import annotations
 
