@@ -150,8 +150,10 @@ def test_cli_train_with_several_gpus_uses_the_launcher(tmp_path, monkeypatch):
     assert cli.main(["train", f"-solver={solver}", "-gpu", "all", "-weights=w.caffemodel"]) == 0
     assert cli.main(["train", f"-solver={solver}", "-gpu=0,2"]) == 0
     assert [a[1] for a, _ in calls] == [[0, 1, 2], [0, 2]]
-    assert calls[0][1]["weights"] == "w.caffemodel" and calls[0][1]["source"] == str(solver)
-    assert calls[1][1]["weights"] is None
+    # -weights travels in the solver's weights field (as Caffe's train() puts it there): every
+    # rank's solver loads it when built.
+    assert list(calls[0][0][0].weights) == ["w.caffemodel"] and calls[0][1]["source"] == str(solver)
+    assert list(calls[1][0][0].weights) == []
 
 
 def _signal_self_at_iter_1(tmp, rank, solver):

@@ -4,14 +4,21 @@ Layers compute on torch tensors (``data_t``/``diff_t``) on the net's device; Pyt
 writable numpy arrays (``data``/``diff``) exactly as in pycaffe: writing into them changes what
 the next forward/backward/update uses.
 
-On CPU the numpy array is a zero-copy view of the tensor. On CUDA a host copy is kept with a
-"head" flag, as Caffe's SyncedMemory does: reading ``.data`` copies device to host and marks the
-host as possibly newer; the next ``data_t`` read by a layer copies it back.
+A numpy array handed to Python stays live, as pycaffe's arrays over Caffe's memory do: the first
+``.data``/``.diff`` access pins the tensor as the blob's *live buffer*, and from then on a layer's
+``blob.data_t = t`` is copied into that buffer instead of replacing it (blobs nobody looked at
+still take the layer's tensor without a copy). ``reshape`` follows Caffe's Blob::Reshape capacity
+rule: a live buffer is kept (and viewed with the new shape) while the element count does not
+exceed the largest count it held; a larger count allocates a new buffer and old arrays go stale.
+So a layer that keeps a blob's tensor across a forward that rewrites the same blob (in place)
+must clone it when ``data_is_live`` (see NeuronLayer._keep_input).
+
+On CUDA a host buffer is kept with a "head" flag, as Caffe's SyncedMemory does: reading ``.data``
+copies device to host (into the same host buffer, so arrays taken earlier see the new values
+too) and marks the host as possibly newer; the next ``data_t`` read by a layer copies it back.
 
 Memory is allocated lazily: ``reshape`` records the shape, and the first access allocates zeros.
-A layer that computes a fresh tensor hands it over with ``blob.data_t = t`` (no copy), so an
-activation's buffer may change from one forward to the next; parameters are always updated in
-place, so arrays taken from ``net.params`` stay live across solver steps.
+Parameters are always updated in place.
 """
 from __future__ import annotations
 
@@ -26,12 +33,15 @@ MAX_BLOB_AXES = 32
 
 
 class _Synced:
-    """One tensor (data or diff) with an optional host mirror for non-CPU devices."""
+    """One tensor (data or diff); ``live`` is the flat buffer Python's arrays view (a tensor on
+    CPU, the host mirror on other devices), None until Python asks for an array."""
 
-    __slots__ = ("tensor", "host", "host_newer")
+    __slots__ = ("tensor", "live", "shared_from", "host", "host_newer")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
+        self.live: torch.Tensor | np.ndarray | None = None
+        self.shared_from: tuple[Blob, _Synced] | None = None  # after share_data/share_diff
         self.host: np.ndarray | None = None
         self.host_newer = False
 
@@ -61,9 +71,17 @@ class Blob:
             raise ValueError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
         if any(d < 0 for d in shape):
             raise ValueError(f"blob shape {shape} has a negative dimension")
-        same_count = _prod(shape) == _prod(self._shape)
+        count = _prod(shape)
+        same_count = count == _prod(self._shape)
         self._shape = shape
         for s in (self._data, self._diff):
+            if self._on_cpu and s.live is not None:
+                # Caffe reallocates only when the count exceeds the capacity.
+                if count <= s.live.numel():
+                    s.tensor = s.live[:count].view(shape)
+                else:
+                    s.live = s.tensor = None
+                continue
             if s.tensor is not None and same_count:
                 self._pull(s)
                 s.tensor = s.tensor.reshape(shape)
@@ -125,18 +143,48 @@ class Blob:
     def _set(self, s: _Synced, t: torch.Tensor) -> None:
         if t.shape != self._shape:
             raise ValueError(f"tensor of shape {tuple(t.shape)} given to a blob of shape {self._shape}")
-        s.tensor = t
-        s.host = None
-        s.host_newer = False
+        if s.live is None or not self._on_cpu:
+            s.tensor = t
+            s.shared_from = None
+            s.host = None
+            s.host_newer = False
+            return
+        # Python holds arrays over the live buffer: write the result there.
+        cur = s.tensor
+        if t.data_ptr() == cur.data_ptr() and t.stride() == cur.stride() and t.dtype == cur.dtype:
+            return  # the layer computed in the live buffer itself
+        if t.untyped_storage().data_ptr() == cur.untyped_storage().data_ptr():
+            t = t.clone()  # a view of the same memory (copy_ refuses partial overlaps)
+        cur.copy_(t)
 
     def _numpy(self, s: _Synced) -> np.ndarray:
         t = self._tensor(s)
         if self._on_cpu:
+            if s.live is None:
+                if s.shared_from is not None:
+                    # Pin the owner's memory too, so this array stays live across forwards.
+                    owner, owner_s = s.shared_from
+                    owner._numpy(owner_s)
+                    s.tensor = t = owner_s.tensor.reshape(self._shape)
+                if not t.is_contiguous():
+                    s.tensor = t = t.contiguous()
+                s.live = t.view(-1)
             return t.numpy()
         if s.host is None or not s.host_newer:
-            s.host = t.detach().cpu().numpy()
+            # Refresh the host buffer in place, so arrays handed out before see the new values.
+            src = t.detach().cpu().numpy()
+            if s.live is None or s.live.size < src.size or s.live.dtype != src.dtype:
+                s.live = np.empty(src.size, src.dtype)
+            s.host = s.live[:src.size].reshape(src.shape)
+            s.host[...] = src
         s.host_newer = True
         return s.host
+
+    @property
+    def data_is_live(self) -> bool:
+        """Whether Python holds (or held) arrays over this blob's data memory: a ``data_t = t``
+        then writes into that memory rather than replacing it."""
+        return self._data.live is not None and self._on_cpu
 
     @property
     def data_t(self) -> torch.Tensor:
@@ -180,12 +228,32 @@ class Blob:
         """Use ``other``'s data tensor (same count), as Caffe's ShareData."""
         if other.count() != self.count():
             raise ValueError(f"cannot share data: counts {other.count()} and {self.count()} differ")
-        self._data.tensor = other.data_t.reshape(self._shape)
+        self._share(self._data, other, other._data, other.data_t)
+
+    def set_data_memory(self, t: torch.Tensor) -> None:
+        """Point the data at ``t`` itself, as Caffe's set_cpu_data: the blob's memory becomes
+        ``t``, so arrays taken from the old memory go stale (MemoryData serves the user's arrays)."""
+        if t.shape != self._shape:
+            raise ValueError(f"tensor of shape {tuple(t.shape)} given to a blob of shape {self._shape}")
+        s = self._data
+        s.tensor = t
+        s.live = s.shared_from = s.host = None
+        s.host_newer = False
 
     def share_diff(self, other: "Blob") -> None:
         if other.count() != self.count():
             raise ValueError(f"cannot share diff: counts {other.count()} and {self.count()} differ")
-        self._diff.tensor = other.diff_t.reshape(self._shape)
+        self._share(self._diff, other, other._diff, other.diff_t)
+
+    def _share(self, s: _Synced, other: "Blob", other_s: _Synced, t: torch.Tensor) -> None:
+        if self._on_cpu:
+            if s.live is not None and s.tensor is not None and s.tensor.data_ptr() == t.data_ptr():
+                return  # already sharing this memory (a layer re-sharing at every forward)
+            s.live = None  # arrays over our old memory go stale, as in Caffe
+        s.tensor = t.reshape(self._shape)
+        s.shared_from = (other, other_s)
+        s.host = None
+        s.host_newer = False
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         """Move this blob's storage to another device and/or dtype (in place)."""
@@ -195,7 +263,7 @@ class Blob:
             if s.tensor is not None:
                 self._pull(s)
                 s.tensor = s.tensor.to(device=device, dtype=dtype)
-            s.host = None
+            s.live = s.host = s.shared_from = None
             s.host_newer = False
         self.device, self.dtype, self._on_cpu = device, dtype, device.type == "cpu"
 
@@ -293,9 +361,9 @@ def _proto_values(proto: caffe_pb2.BlobProto, which: str) -> np.ndarray | None:
 
 
 def _to_tensor(values: np.ndarray, blob: Blob) -> torch.Tensor:
-    # ascontiguousarray turns a 0-d array into 1-d: keep the shape (SSD's Normalize scale has 0 axes)
-    return torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape)).to(
-        device=blob.device, dtype=blob.dtype)
+    # (ascontiguousarray alone would turn a 0-axis array, e.g. a channel_shared PReLU slope, into 1 axis)
+    values = np.ascontiguousarray(values).reshape(values.shape)
+    return torch.from_numpy(values).to(device=blob.device, dtype=blob.dtype)
 
 
 def _prod(shape: Iterable[int]) -> int:

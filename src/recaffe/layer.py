@@ -80,6 +80,8 @@ class Layer:
     equal_num_bottom_top_blobs = False
     # Data layers create their tops; the net adds anonymous tops up to the minimum if missing.
     auto_top_blobs = False
+    # A layer running the user's code (Python layers): its exceptions reach the caller as raised.
+    runs_user_code = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):

@@ -133,6 +133,8 @@ class Net:
             except LayerError:
                 raise
             except (ValueError, RuntimeError, IndexError) as e:
+                if layer.runs_user_code:
+                    raise
                 raise LayerError(f"{lp.type} layer {lp.name!r} failed to set up: {e}") from e
             log.info("Setting up %s", lp.name)
             for top_id, top in enumerate(self.top_vecs[layer_id]):
@@ -171,6 +173,8 @@ class Net:
         self._blob_names_index = {n: i for i, n in enumerate(self._blob_names)}
         self._layer_names_index = {n: i for i, n in enumerate(self._layer_names)}
         self._share_weights()
+        self._callbacks: dict[str, list] = {k: [] for k in ("before_forward", "after_forward",
+                                                            "before_backward", "after_backward")}
         log.info("Network initialization done.")
 
     def _append_top(self, lp, layer_id, top_id, available, name_to_idx) -> None:
@@ -331,17 +335,41 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
+        before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
         for i in range(start, end + 1):
+            for run in before:
+                run(i)
             loss += layers[i].run_forward(bottoms[i], tops[i])
+            for run in after:
+                run(i)
         return loss
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         start = len(self.layers) - 1 if start is None else start
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
         need, prop = self.layer_need_backward, self.bottom_need_backward
+        before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
         for i in range(start, end - 1, -1):
+            for run in before:
+                run(i)
             if need[i]:
                 layers[i].backward(tops[i], prop[i], bottoms[i])
+            for run in after:
+                run(i)
+
+    # pycaffe's net callbacks: ``run(layer_index)`` around each layer's forward or backward (the
+    # backward ones also for layers that need no backward), in the order added, as Caffe's Net.
+    def before_forward(self, run) -> None:
+        self._callbacks["before_forward"].append(run)
+
+    def after_forward(self, run) -> None:
+        self._callbacks["after_forward"].append(run)
+
+    def before_backward(self, run) -> None:
+        self._callbacks["before_backward"].append(run)
+
+    def after_backward(self, run) -> None:
+        self._callbacks["after_backward"].append(run)
 
     def forward_loss(self) -> float:
         """Run the whole net forward and return the total weighted loss (Caffe's Net::Forward)."""
@@ -385,26 +413,61 @@ class Net:
                                  f"the blob has shape {blob.shape}")
             getattr(blob, field)[...] = value
 
+    def _batches(self, arrays: dict) -> list[dict[str, np.ndarray]]:
+        """Split same-length arrays into batches of the net's batch size (the first blob's first
+        dimension, as pycaffe), zero-padding the last one."""
+        if not arrays:
+            return []
+        batch = self._blobs[0].shape[0]
+        n = len(next(iter(arrays.values())))
+        out = []
+        for start in range(0, n, batch):
+            chunk = {}
+            for name, value in arrays.items():
+                part = np.asarray(value[start:start + batch])
+                if len(part) < batch:  # pad the last batch, as pycaffe does
+                    pad = np.zeros((batch - len(part),) + part.shape[1:], dtype=part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            out.append(chunk)
+        return out
+
     def forward_all(self, blobs: Sequence[str] | None = None, **kwargs) -> dict[str, np.ndarray]:
         """Run forward over inputs of any length in batches of the net's batch size (pycaffe)."""
         all_outs: dict[str, list[np.ndarray]] = {out: [] for out in set(self.outputs + list(blobs or []))}
         if not kwargs:
             out = self.forward(blobs=blobs)
             return {k: v.copy() for k, v in out.items()}
-        batch = self.blobs[self.inputs[0]].shape[0]
-        n = len(next(iter(kwargs.values())))
-        for start in range(0, n, batch):
-            chunk = {}
-            for name, value in kwargs.items():
-                part = np.asarray(value[start:start + batch])
-                if len(part) < batch:  # pad the last batch, as pycaffe does
-                    pad = np.zeros((batch - len(part),) + part.shape[1:], dtype=part.dtype)
-                    part = np.concatenate([part, pad])
-                chunk[name] = part
+        for chunk in self._batches(kwargs):
             out = self.forward(blobs=blobs, **chunk)
             for k, v in out.items():
                 all_outs[k].append(v.copy())
+        n = len(next(iter(kwargs.values())))
         return {k: np.concatenate(v)[:n] for k, v in all_outs.items()}
+
+    def forward_backward_all(self, blobs: Sequence[str] | None = None, diffs: Sequence[str] | None = None,
+                             **kwargs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """pycaffe's ``net.forward_backward_all``: forward then backward over batches; inputs
+        (keyword arrays named after input blobs) and output diffs (named after output blobs)
+        of any common length. Returns (outputs + ``blobs``, input diffs + ``diffs``), padding cut."""
+        forward_batches = self._batches({k: v for k, v in kwargs.items() if k in self.inputs})
+        backward_batches = self._batches({k: v for k, v in kwargs.items() if k in self.outputs})
+        unknown = set(kwargs) - set(self.inputs) - set(self.outputs)
+        if unknown:
+            raise KeyError(f"{sorted(unknown)} are neither input nor output blobs of this net "
+                           f"(inputs: {self.inputs}, outputs: {self.outputs})")
+        all_outs: dict[str, list[np.ndarray]] = {k: [] for k in set(self.outputs + list(blobs or []))}
+        all_diffs: dict[str, list[np.ndarray]] = {k: [] for k in set(self.inputs + list(diffs or []))}
+        for i in range(max(len(forward_batches), len(backward_batches), 1)):
+            fb = forward_batches[i] if i < len(forward_batches) else {}
+            bb = backward_batches[i] if i < len(backward_batches) else {}
+            for k, v in self.forward(blobs=blobs, **fb).items():
+                all_outs[k].append(v.copy())
+            for k, v in self.backward(diffs=diffs, **bb).items():
+                all_diffs[k].append(v.copy())
+        n = len(next(iter(kwargs.values()))) if kwargs else None
+        return ({k: np.concatenate(v)[:n] for k, v in all_outs.items()},
+                {k: np.concatenate(v)[:n] for k, v in all_diffs.items()})
 
     def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
         """pycaffe's ``net.set_input_arrays``: feed a MemoryData first layer (which keeps the arrays)."""

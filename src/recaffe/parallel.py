@@ -46,12 +46,26 @@ def solver_rank_and_count() -> tuple[int, int]:
     return _solver_rank, _solver_count
 
 
-def set_solver_rank(rank: int, count: int) -> None:
-    """Set before building the solver: Data layers take their share of records from it."""
+def set_solver_rank(rank: int, count: int | None = None) -> None:
+    """Set before building the solver: Data layers take their share of records from it.
+    Without ``count`` only the rank changes (pycaffe's caffe.set_solver_rank; scripts set the
+    count and the rank in either order, so the pair is checked when NCCL joins the group)."""
     global _solver_rank, _solver_count
-    if not 0 <= rank < count:
-        raise ValueError(f"solver rank {rank} is outside 0..{count - 1}")
-    _solver_rank, _solver_count = int(rank), int(count)
+    if count is not None:
+        if not 0 <= rank < count:
+            raise ValueError(f"solver rank {rank} is outside 0..{count - 1}")
+        _solver_count = int(count)
+    elif rank < 0:
+        raise ValueError(f"set_solver_rank({rank}): the solver rank must be at least 0")
+    _solver_rank = int(rank)
+
+
+def set_solver_count(count: int) -> None:
+    """pycaffe's caffe.set_solver_count: how many solvers train together."""
+    global _solver_count
+    if count < 1:
+        raise ValueError(f"set_solver_count({count}): the solver count must be at least 1")
+    _solver_count = int(count)
 
 
 def make_data_parallel(solver, rank: int | None = None, world: int | None = None) -> None:
@@ -62,29 +76,103 @@ def make_data_parallel(solver, rank: int | None = None, world: int | None = None
     rank = dist.get_rank() if rank is None else rank
     world = dist.get_world_size() if world is None else world
     params = solver.net.learnable_params
-    for blob in params:
-        dist.broadcast(blob.data_t, src=0)
-    scale = 1.0 / world
-
-    def average_diffs():
-        diffs = [b.diff_t for b in params]
-        flat = torch.cat([d.reshape(-1) for d in diffs])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.mul_(scale)
-        offset = 0
-        for d in diffs:
-            d.copy_(flat[offset:offset + d.numel()].view_as(d))
-            offset += d.numel()
-
-    solver.add_callback(None, average_diffs)
+    broadcast_params(params)
+    solver.add_callback(None, lambda: average_diffs(params, world))
     _agree_on_actions(solver, rank)
     if rank != 0:
-        # Caffe's non-root solvers never test, display or snapshot (Caffe::root_solver()).
-        p = solver.param
-        p.test_interval = 0
-        p.display = 0
-        p.snapshot = 0
-        p.snapshot_after_train = False
+        _make_non_root(solver)
+
+
+def broadcast_params(params) -> None:
+    """Give every rank the root's param values."""
+    import torch.distributed as dist
+    for blob in params:
+        dist.broadcast(blob.data_t, src=0)
+
+
+def average_diffs(params, world: int) -> None:
+    """Sum the params' diffs over the ranks and divide by their number, in one all-reduce."""
+    import torch.distributed as dist
+    diffs = [b.diff_t for b in params]
+    flat = torch.cat([d.reshape(-1) for d in diffs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.mul_(1.0 / world)
+    offset = 0
+    for d in diffs:
+        d.copy_(flat[offset:offset + d.numel()].view_as(d))
+        offset += d.numel()
+
+
+def _make_non_root(solver) -> None:
+    # Caffe's non-root solvers never test, display or snapshot (Caffe::root_solver()).
+    p = solver.param
+    p.test_interval = 0
+    p.display = 0
+    p.snapshot = 0
+    p.snapshot_after_train = False
+
+
+class NCCL:
+    """pycaffe's ``caffe.NCCL(solver, uid)``: this process's solver joins the group of
+    ``caffe.solver_count()`` solvers as rank ``caffe.solver_rank()``, as in Caffe's
+    python/train.py::
+
+        uid = caffe.NCCL.new_uid()                 # once, in the launching process
+        # in each of N processes:
+        caffe.set_solver_count(N); caffe.set_solver_rank(rank)
+        solver = caffe.SGDSolver(solver_file)
+        nccl = caffe.NCCL(solver, uid)
+        nccl.bcast()                               # the root's weights to every solver
+        solver.add_callback(nccl)                  # average the diffs before each update
+        solver.step(solver.param.max_iter)
+
+    In recaffe the group is a torch.distributed process group (backend "nccl" for CUDA nets,
+    "gloo" on CPU) and ``uid`` names the file it meets at (``new_uid``: a fresh path in the
+    temporary folder), so the processes must share a file system. The diffs of all learnable
+    params are averaged in one all-reduce when the gradients are ready; ``net.after_backward(nccl)``
+    (Caffe's layer-wise reduce) is accepted and changes nothing, the result being the same. With a
+    solver count of 1 nothing is exchanged. Non-root solvers do not test, display or snapshot.
+    """
+
+    def __init__(self, solver, uid: bytes | str):
+        import torch.distributed as dist
+        rank, count = solver_rank_and_count()
+        if not 0 <= rank < count:
+            raise ValueError(f"caffe.NCCL: solver rank {rank} is outside 0..{count - 1} "
+                             "(set caffe.set_solver_count and caffe.set_solver_rank first)")
+        self.solver, self.rank, self.count = solver, rank, count
+        path = uid.decode() if isinstance(uid, bytes) else str(uid)
+        if count > 1:
+            if not dist.is_initialized():
+                backend = "nccl" if solver.net.device.type == "cuda" else "gloo"
+                dist.init_process_group(backend, init_method="file://" + path, rank=rank, world_size=count)
+            elif dist.get_world_size() != count or dist.get_rank() != rank:
+                raise ValueError(f"caffe.NCCL: this process is already rank {dist.get_rank()} of "
+                                 f"{dist.get_world_size()}, not rank {rank} of {count}")
+            if rank != 0:
+                _make_non_root(solver)
+
+    @staticmethod
+    def new_uid() -> bytes:
+        """A new session id for NCCL(solver, uid): bytes, as pycaffe's under Python 3."""
+        import uuid
+        return os.path.join(tempfile.gettempdir(), f"recaffe-nccl-{uuid.uuid4().hex}").encode()
+
+    def bcast(self) -> None:
+        """Copy the root solver's weights into every solver (Caffe's NCCL::Broadcast)."""
+        if self.count > 1:
+            broadcast_params(self.solver.net.learnable_params)
+
+    # Solver callback (solver.add_callback(nccl)).
+    def on_start(self) -> None:
+        pass
+
+    def on_gradients_ready(self) -> None:
+        if self.count > 1:
+            average_diffs(self.solver.net.learnable_params, self.count)
+
+    def __call__(self, layer: int) -> None:
+        """Net callback (net.after_backward(nccl)): the diffs are averaged all at once instead."""
 
 
 def _agree_on_actions(solver, rank: int) -> None:
@@ -156,8 +244,6 @@ def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, 
     set_solver_rank(rank, world)
     param = caffe_pb2.SolverParameter()
     param.ParseFromString(solver_bytes)
-    if param.random_seed >= 0:
-        param.random_seed += rank
     solver = create_solver(param, source=source)
     if snapshot:
         solver.restore(snapshot)

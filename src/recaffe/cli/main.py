@@ -96,6 +96,12 @@ def train(flags: dict) -> int:
     param = read_solver_text(flags["solver"])
     param.train_state.level = flags["level"]
     param.train_state.stage.extend(_stages(flags["stage"]))
+    # As Caffe's train(): -snapshot ignores the solver's weights, -weights replaces them; the solver
+    # loads them into its train and test nets when it is built.
+    if flags["snapshot"] or flags["weights"]:
+        del param.weights[:]
+    if flags["weights"]:
+        param.weights.append(flags["weights"])
     gpu = flags["gpu"]
     if not gpu and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
             and _torch_device_count() > 0:
@@ -105,8 +111,7 @@ def train(flags: dict) -> int:
         # One solver per GPU, gradients averaged (Caffe's NCCL training): recaffe.parallel.
         from ..parallel import train_data_parallel
         log.info("Using GPUs %s", ", ".join(map(str, ids)))
-        train_data_parallel(param, ids, weights=flags["weights"] or None,
-                            snapshot=flags["snapshot"] or None, source=flags["solver"],
+        train_data_parallel(param, ids, snapshot=flags["snapshot"] or None, source=flags["solver"],
                             sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
         log.info("Optimization Done.")
         return 0
@@ -119,12 +124,6 @@ def train(flags: dict) -> int:
             log.info("Resuming from %s", flags["snapshot"])
             solver.solve(flags["snapshot"])
         else:
-            if flags["weights"]:
-                for w in flags["weights"].split(","):
-                    log.info("Finetuning from %s", w)
-                    solver.net.copy_from(w)
-                    for net in solver.test_nets:
-                        net.copy_from(w)
             log.info("Starting Optimization")
             solver.solve()
     log.info("Optimization Done.")

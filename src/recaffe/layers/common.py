@@ -79,9 +79,8 @@ class SplitLayer(Layer):
                 t.reshape_like(bottom[0])
 
     def forward(self, bottom, top):
-        x = bottom[0].data_t
         for t in top:
-            t.data_t = x
+            t.share_data(bottom[0])  # as Caffe's ShareData
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -138,7 +137,7 @@ class ConcatLayer(Layer):
 
     def forward(self, bottom, top):
         if len(bottom) == 1:
-            top[0].data_t = bottom[0].data_t  # Caffe shares the single bottom's data
+            top[0].share_data(bottom[0])  # Caffe shares the single bottom's data
             return
         top[0].data_t = torch.cat([b.data_t for b in bottom], dim=self.axis)
 
@@ -160,7 +159,7 @@ class _AliasLayer(Layer):
     exact_num_top_blobs = 1
 
     def forward(self, bottom, top):
-        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)
+        top[0].share_data(bottom[0])
 
     def backward(self, top, propagate_down, bottom):
         if propagate_down[0]:
@@ -183,7 +182,7 @@ class FlattenLayer(_AliasLayer):
         end = canonical_axis(p.end_axis, n, self)
         shape = bottom[0].shape
         top[0].reshape(shape[:start] + (bottom[0].count(start, end + 1),) + shape[end + 1:])
-        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)  # alias now, as Caffe's ShareData
+        top[0].share_data(bottom[0])  # alias now, as Caffe's ShareData
 
 
 @register("Reshape")
@@ -247,7 +246,7 @@ class ReshapeLayer(_AliasLayer):
             raise self.error(f"output count must match input count: new shape {tuple(shape)} "
                              f"({count}) vs bottom shape {b.shape} ({b.count()})")
         top[0].reshape(shape)
-        top[0].data_t = bottom[0].data_t.reshape(top[0].shape)  # alias now, as Caffe's ShareData
+        top[0].share_data(bottom[0])  # alias now, as Caffe's ShareData
 
 
 @register("Permute")
@@ -367,7 +366,7 @@ class SliceLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data_t
         if len(top) == 1:
-            top[0].data_t = x
+            top[0].share_data(bottom[0])
             return
         for t, part in zip(top, torch.split(x, self.sizes, dim=self.axis)):
             t.data_t = part.contiguous()
@@ -715,7 +714,7 @@ class ParameterLayer(Layer):
         pass
 
     def forward(self, bottom, top):
-        top[0].data_t = self.blobs[0].data_t  # shares the param's memory, as Caffe's ShareData
+        top[0].share_data(self.blobs[0])  # shares the param's memory, as Caffe's ShareData
 
     def backward(self, top, propagate_down, bottom):
         if self.param_propagate_down[0]:

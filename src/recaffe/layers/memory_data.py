@@ -85,7 +85,7 @@ class MemoryDataLayer(Layer):
                              "(net.set_input_arrays(data, labels))")
         b, s = self.batch_size, self._pos
         top[0].reshape((b, self.channels, self.height, self.width))
-        top[0].data_t = self._data[s:s + b]
+        top[0].set_data_memory(self._data[s:s + b])
         top[1].reshape((b, 1, 1, 1))
-        top[1].data_t = self._labels[s:s + b]
+        top[1].set_data_memory(self._labels[s:s + b])
         self._pos = (s + b) % self._data.shape[0]

@@ -2,8 +2,9 @@
 
 In place (``top[0] is bottom[0]``) a forward replaces the blob's data with the output. Where
 Caffe's backward reads the bottom data, a layer that may run in place keeps a reference to the
-input tensor it was given (Caffe copies it into ``bottom_memory_``); forward always hands the
-blob a fresh tensor, so the kept one is never overwritten.
+input tensor it was given (Caffe copies it into ``bottom_memory_``); forward hands the blob a
+fresh tensor, so the kept one is not overwritten, except on a blob whose array Python holds (the
+result is then written over its memory): there the input is kept as a copy.
 """
 from __future__ import annotations
 
@@ -27,8 +28,12 @@ class NeuronLayer(Layer):
             top[0].reshape_like(bottom[0])
 
     def _keep_input(self, bottom, top, x: torch.Tensor) -> None:
-        """Remember the input when running in place (forward is about to replace it)."""
-        self._kept_input = x if top[0] is bottom[0] else None
+        """Remember the input when running in place (forward is about to replace it; a live blob
+        gets the result written over its memory, so keep a copy then)."""
+        if top[0] is not bottom[0]:
+            self._kept_input = None
+        else:
+            self._kept_input = x.clone() if bottom[0].data_is_live else x
 
     def _input(self, top, bottom) -> torch.Tensor:
         """The forward's input for backward: the kept one in place, else the bottom's data."""

@@ -218,7 +218,8 @@ class ScaleLayer(Layer):
     def forward(self, bottom, top):
         outer, dim, inner = self.dims
         x = bottom[0].data_t
-        self._x = x  # the scale's gradient needs x, which an in-place top overwrites
+        # The scale's gradient needs x, which an in-place top replaces (or, on a live blob, overwrites).
+        self._x = x.clone() if top[0] is bottom[0] and bottom[0].data_is_live else x
         y = x.reshape(outer, dim, inner) * self._scale(bottom).data_t.reshape(1, dim, 1)
         if self.bias_term:
             bo, bd, bi = self.bias_dims

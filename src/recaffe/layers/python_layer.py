@@ -130,6 +130,8 @@ class PythonLayer(_EngineLayer):
     """Runs a ``caffe.Layer`` subclass inside a net. ``impl`` is the Python object; attributes
     this adapter does not have are read from it (``net.layer_dict['loss'].my_attribute``)."""
 
+    runs_user_code = True  # the user's exceptions keep their type (pycaffe re-raises them as they are)
+
     def __init__(self, param: caffe_pb2.LayerParameter, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         super().__init__(param, dtype=dtype, device=device)  # loads blobs given in the prototxt

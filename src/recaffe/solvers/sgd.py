@@ -125,6 +125,7 @@ class SGDSolver(Solver):
             state = read_binary(state_file, caffe_pb2.SolverState(), "SolverState (.solverstate)")
             it, model, step, history = state.iter, state.learned_net or None, state.current_step, state.history
         self.iter = it
+        self._iterations_last = it  # (Caffe leaves it as it was; counting from here gives a true rate)
         if model:
             if not os.path.exists(model):  # snapshots moved together: look beside the state file
                 alt = os.path.join(os.path.dirname(state_file), os.path.basename(model))

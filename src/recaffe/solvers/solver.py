@@ -15,6 +15,7 @@ from ..io.netfiles import read_net_text
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
+from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
 from .lr_policies import learning_rate
 
@@ -63,7 +64,8 @@ class Solver:
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
                      "for CUDA); training on CPU")
         if param.random_seed >= 0:
-            rng.set_random_seed(param.random_seed)
+            # Caffe's Solver::Init: each of several solvers (caffe.NCCL, -gpu 0,1) seeds with seed + rank.
+            rng.set_random_seed(param.random_seed + solver_rank_and_count()[0])
         self.callbacks: list[tuple[Callable | None, Callable | None]] = []
         self.requested_early_exit = False
         self.action_request: Callable[[], str] | None = None
@@ -73,6 +75,10 @@ class Solver:
         self.iter = 0
         self.current_step = 0
         self.smoothed_loss = 0.0
+        # Caffe's iteration_timer_ and iterations_last_: the display's iter/s spans step() calls
+        # (the timer runs from one display to the next; step() only starts it when stopped).
+        self._display_timer_start: float | None = None
+        self._iterations_last = 0
         self.losses: list[float] = []
         self.pre_solve()
 
@@ -123,6 +129,7 @@ class Solver:
         state.MergeFrom(p.train_state)
         net_param.state.CopyFrom(state)
         self.net = Net(net_param)
+        self._load_weights(self.net)
 
     def _init_test_nets(self) -> None:
         p = self.param
@@ -163,13 +170,31 @@ class Solver:
             net_param.state.CopyFrom(state)
             log.info("Creating test net (#%d) specified by %s", i, sources[i])
             net = Net(net_param)
+            self._load_weights(net)
             net.share_with(self.net)
             self.test_nets.append(net)
 
+    def weights_files(self) -> list[str]:
+        """The ``weights:`` entries (fine-tuning), each a comma-separated list, in order."""
+        return [name.strip() for entry in self.param.weights for name in entry.split(",")]
+
+    def _load_weights(self, net: Net) -> None:
+        """Caffe's LoadNetWeights: copy every ``weights:`` file into ``net`` by layer name."""
+        for name in self.weights_files():
+            path = self._resolve(name)
+            if not os.path.isfile(path):
+                raise SolverError(f"{self.source or '<solver>'}: weights file {name!r} (solver field "
+                                  "'weights') not found")
+            log.info("Finetuning from %s", name)
+            net.copy_from(path)
+
     # ------------------------------------------------------------------ loop
-    def add_callback(self, on_start: Callable | None = None, on_gradients_ready: Callable | None = None) -> None:
+    def add_callback(self, on_start=None, on_gradients_ready: Callable | None = None) -> None:
         """pycaffe's callbacks: ``on_start()`` before each iteration's forward, and
-        ``on_gradients_ready()`` after backward and before the update."""
+        ``on_gradients_ready()`` after backward and before the update. As in pycaffe, a single
+        object with ``on_start`` and ``on_gradients_ready`` methods (a ``caffe.NCCL``) also works."""
+        if on_gradients_ready is None and hasattr(on_start, "on_gradients_ready"):
+            on_start, on_gradients_ready = on_start.on_start, on_start.on_gradients_ready
         self.callbacks.append((on_start, on_gradients_ready))
 
     def step(self, iters: int) -> None:
@@ -178,7 +203,8 @@ class Solver:
         stop_iter = self.iter + iters
         self.losses = []
         self.smoothed_loss = 0.0
-        last_time, last_iter = time.perf_counter(), self.iter
+        if self._display_timer_start is None:
+            self._display_timer_start = time.perf_counter()
         net = self.net
         while self.iter < stop_iter:
             net.clear_param_diffs()
@@ -198,11 +224,11 @@ class Solver:
             self._update_smoothed_loss(loss, start_iter)
             if display:
                 now = time.perf_counter()
-                lapse = now - last_time
-                per_s = (self.iter - last_iter) / (lapse if lapse else 1)
+                lapse = now - self._display_timer_start
+                per_s = (self.iter - self._iterations_last) / (lapse if lapse else 1)
                 log.info("Iteration %d (%g iter/s, %.3fs/%d iters), loss = %g", self.iter, per_s, lapse,
                          p.display, self.smoothed_loss)
-                last_time, last_iter = now, self.iter
+                self._display_timer_start, self._iterations_last = now, self.iter
                 self._log_outputs(net, "Train", self._output_values(net))
             for _, on_grad in self.callbacks:
                 if on_grad:
