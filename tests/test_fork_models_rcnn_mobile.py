@@ -1,8 +1,7 @@
 """The published deploy nets of the Faster R-CNN / R-FCN, ShuffleNet and YOLO forks
 (../shared/reference/forks/models/, read in place): they build, run forward with random weights
-(inputs reduced in memory, wide layers narrowed: Faster R-CNN.s fc6/fc7, the convolutions of
-R-FCN and the YOLOs, to keep the tests fast) and export
-where their layers export.
+(inputs reduced in memory, wide layers narrowed: Faster R-CNN's fc6/fc7, the convolutions of
+R-FCN and the YOLOs, to keep the tests fast) and export where their layers export.
 
 Types written by other fork branches are skipped while they are not registered: Faster R-CNN's
 DetectionOutput (the SSD branch; the net then stops before it) and YOLOv3's Upsample (the
