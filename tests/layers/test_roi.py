@@ -87,15 +87,15 @@ def test_roi_pooling_forward_and_backward_match_the_fork():
     np.testing.assert_allclose(bottom[0].diff, ref_dx, rtol=1e-12, atol=1e-12)
 
 
-def test_roi_pooling_ties_empty_bins_and_chunking(monkeypatch):
-    import recaffe.layers.roi as roi
-    x = np.round(np.random.default_rng(1).standard_normal((1, 2, 5, 5)))  # many ties
-    rois = np.array([[0, 0, 0, 4, 4], [0, 8, 8, 12, 12], [0, 2, 1, 4, 3]] * 3, dtype=float)
-    monkeypatch.setattr(roi, "_GATHER_ELEMENTS", 40)  # several chunks of ROIs
-    layer, bottom, top = make_layer(roi_text(4, 4, 1.0), [x, rois])
+def test_roi_pooling_ties_empty_bins_and_block_sizes():
+    x = np.round(np.random.default_rng(1).standard_normal((2, 2, 11, 13)))  # many ties
+    # bins of 1 to 11 pixels a side: every power-of-two block level, overlapping blocks
+    rois = np.array([[0, 0, 0, 4, 4], [0, 20, 20, 24, 24], [1, 2, 1, 4, 3], [1, 0, 0, 12, 10],
+                     [0, 1, 2, 11, 9], [1, 3, 0, 10, 10], [0, -3, -2, 30, 30]], dtype=float)
+    layer, bottom, top = make_layer(roi_text(2, 3, 1.0), [x, rois])
     layer.run_forward(bottom, top)
     dy = np.random.default_rng(2).standard_normal(top[0].shape)
-    ref, ref_dx = np_roi_pool(x, rois, 4, 4, 1.0, dy)
+    ref, ref_dx = np_roi_pool(x, rois, 2, 3, 1.0, dy)
     np.testing.assert_array_equal(top[0].data, ref)
     assert (top[0].data[1] == 0).all()  # outside the map: every bin empty -> 0
     top[0].diff_t = torch.tensor(dy)

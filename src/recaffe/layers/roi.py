@@ -4,8 +4,9 @@ the built-in Proposal layer (OpenCV's type for py-faster-rcnn's Python proposal 
 ROIs are ``(R, 5)`` rows ``(batch_index, x1, y1, x2, y2)`` in image pixels. Everything runs on
 whole tensors: a window per (ROI, bin) is an integer range, and
 
-* max pooling gathers each bin's window (padded to the largest window, masked) and reduces it;
-  ROIs are processed in chunks so that the gathered block stays small;
+* max pooling reads each bin's max from a sparse table of block maxima (with their argmax):
+  a bin is the union of four 2^a x 2^b blocks, so four gathers of C values per bin, whatever
+  the bin's size;
 * average pooling reads window sums from an integral image (float64), and its backward writes
   the four corners of each window into a difference image whose cumulative sums are the diff.
 
@@ -21,7 +22,6 @@ from .. import boxes
 from ..layer import Layer, register
 
 FLT_MAX = 3.4028234663852886e38
-_GATHER_ELEMENTS = 1 << 23  # elements of one gathered chunk in ROI max pooling
 
 
 def c_round(v: torch.Tensor) -> torch.Tensor:
@@ -105,38 +105,36 @@ class ROIPoolingLayer(Layer):
         r = rois.shape[0]
         b = _batch_indices(self, rois, n)
         _, (hs, he), (ws, we) = self._geometry(rois, h, w)
-        kh = int((he - hs).max()) if r else 0
-        kw = int((we - ws).max()) if r else 0
-        ph, pw = self.pooled_h, self.pooled_w
-        out = torch.zeros((r, ph, pw, c), dtype=x.dtype, device=x.device)
-        arg = torch.full((r, ph, pw, c), -1, dtype=torch.long, device=x.device)
-        if r and kh > 0 and kw > 0:
-            pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # one row per pixel
-            dh = torch.arange(kh, device=x.device)
-            dw = torch.arange(kw, device=x.device)
-            # window offsets per (roi, bin, k): row/column and whether it lies in the window
-            row = hs[:, :, None] + dh                                          # (R, PH, KH)
-            col = ws[:, :, None] + dw                                          # (R, PW, KW)
-            row_ok = row < he[:, :, None]
-            col_ok = col < we[:, :, None]
-            spatial = (row.clamp(max=h - 1)[:, :, None, :, None] * w
-                       + col.clamp(max=w - 1)[:, None, :, None, :])            # (R, PH, PW, KH, KW)
-            valid = row_ok[:, :, None, :, None] & col_ok[:, None, :, None, :]
-            spatial = spatial.reshape(r, ph, pw, kh * kw)
-            valid = valid.reshape(r, ph, pw, kh * kw)
-            step = max(1, _GATHER_ELEMENTS // max(1, ph * pw * kh * kw * c))
-            for s in range(0, r, step):  # chunks of ROIs, not one ROI at a time
-                sl = slice(s, s + step)
-                index = spatial[sl] + (b[sl] * (h * w))[:, None, None, None]
-                vals = pixels.index_select(0, index.reshape(-1)).reshape(index.shape + (c,))
-                vals = vals.masked_fill(~valid[sl][..., None], float("-inf"))
-                best, k = vals.max(dim=3)                                      # (r, PH, PW, C)
-                found = best > -FLT_MAX
-                empty = ~valid[sl].any(dim=3)[..., None]
-                out[sl] = torch.where(empty, torch.zeros_like(best),
-                                      torch.where(found, best, torch.full_like(best, -FLT_MAX)))
-                pix = torch.gather(spatial[sl], 3, k)  # the argmax pixel, h * W + w
-                arg[sl] = torch.where(found & ~empty, pix, torch.full_like(pix, -1))
+        lh, lw = he - hs, we - ws                                   # (R, PH), (R, PW)
+        empty = (lh[:, :, None] <= 0) | (lw[:, None, :] <= 0)        # (R, PH, PW)
+        if r == 0 or bool(empty.all()):
+            top[0].data_t = torch.zeros(top[0].shape, dtype=x.dtype, device=x.device)
+            self._argmax = torch.full(top[0].shape, -1, dtype=torch.long, device=x.device)
+            return
+        levels_h = _log2(int(lh.max()))
+        levels_w = _log2(int(lw.max()))
+        values, index = _range_max_table(x, levels_h, levels_w)    # (LH, LW, N, H, W, C)
+        # each bin [hs, he) x [ws, we) is covered by four (possibly overlapping) blocks of
+        # 2^kh x 2^kw pixels: kh = floor(log2(he - hs)), one at each corner
+        kh = _floor_log2(lh.clamp(min=1))
+        kw = _floor_log2(lw.clamp(min=1))
+        top_rows = (hs, (he - (1 << kh)).clamp(min=0))
+        left_cols = (ws, (we - (1 << kw)).clamp(min=0))
+        level = (kh[:, :, None] * (levels_w + 1) + kw[:, None, :]) * n + b[:, None, None]
+        best = arg = None
+        for rows in top_rows:
+            for cols in left_cols:
+                pixel = rows.clamp(max=h - 1)[:, :, None] * w + cols.clamp(max=w - 1)[:, None, :]
+                flat = (level * (h * w) + pixel).reshape(-1)       # (R * PH * PW)
+                v = values.index_select(0, flat)                    # (R * PH * PW, C)
+                i = index.index_select(0, flat)
+                best, arg = (v, i) if best is None else _better(best, arg, v, i)
+        shape = (r, self.pooled_h, self.pooled_w, c)
+        best, arg = best.reshape(shape), arg.reshape(shape).long()
+        found = best > -FLT_MAX  # the fork starts from -FLT_MAX and takes strictly greater values
+        none = empty[..., None]
+        out = torch.where(found, best, torch.full_like(best, -FLT_MAX)).masked_fill(none, 0)
+        arg = torch.where(found, arg, torch.full_like(arg, -1)).masked_fill(none, -1)
         top[0].data_t = out.permute(0, 3, 1, 2).contiguous()
         self._argmax = arg.permute(0, 3, 1, 2).contiguous()
 
@@ -395,3 +393,52 @@ class ProposalLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         pass  # py-faster-rcnn's proposal layer does not propagate gradients
 
+
+def _log2(length: int) -> int:
+    """floor(log2(length)) for a positive int."""
+    return max(length, 1).bit_length() - 1
+
+
+def _floor_log2(t: torch.Tensor) -> torch.Tensor:
+    """floor(log2(t)) of positive int64 values, exactly."""
+    k = torch.floor(torch.log2(t.to(torch.float64))).long()
+    k = torch.where((1 << (k + 1)) <= t, k + 1, k)  # guard the float log
+    return torch.where((1 << k) > t, k - 1, k)
+
+
+def _better(v1, i1, v2, i2):
+    """The max of two (value, flat pixel index) candidates; on equal values the smaller index
+    (the first pixel in row-major order, as the fork's scan keeps its first maximum)."""
+    take = (v2 > v1) | ((v2 == v1) & (i2 < i1))
+    return torch.where(take, v2, v1), torch.where(take, i2, i1)
+
+
+def _range_max_table(x: torch.Tensor, levels_h: int, levels_w: int):
+    """Sparse table of block maxima with their argmax: entry (a, b, n, h, w) holds the max over
+    rows [h, h + 2^a) and columns [w, w + 2^b) of image n (valid where the block fits), per
+    channel. Returned flattened to rows of C values: (LH * LW * N * H * W, C), index int32."""
+    n, c, h, w = x.shape
+    v = x.permute(0, 2, 3, 1)                                         # (N, H, W, C)
+    i = (torch.arange(h * w, device=x.device, dtype=torch.int32).reshape(1, h, w, 1)
+         .expand(n, h, w, c))
+    columns = [(v, i)]
+    for k in range(1, levels_w + 1):  # blocks along W: combine two halves 2^(k-1) apart
+        pv, pi = columns[-1]
+        step = 1 << (k - 1)
+        sv, si = pv.clone(), pi.clone()
+        if step < w:
+            sv[:, :, :w - step], si[:, :, :w - step] = _better(pv[:, :, :w - step], pi[:, :, :w - step],
+                                                              pv[:, :, step:], pi[:, :, step:])
+        columns.append((sv, si))
+    table_v = torch.empty((levels_h + 1, levels_w + 1, n, h, w, c), dtype=x.dtype, device=x.device)
+    table_i = torch.empty((levels_h + 1, levels_w + 1, n, h, w, c), dtype=torch.int32, device=x.device)
+    for kw, (cv, ci) in enumerate(columns):
+        table_v[0, kw], table_i[0, kw] = cv, ci
+        for kh in range(1, levels_h + 1):  # then along H
+            pv, pi = table_v[kh - 1, kw], table_i[kh - 1, kw]
+            step = 1 << (kh - 1)
+            table_v[kh, kw], table_i[kh, kw] = pv, pi
+            if step < h:
+                table_v[kh, kw, :, :h - step], table_i[kh, kw, :, :h - step] = _better(
+                    pv[:, :h - step], pi[:, :h - step], pv[:, step:], pi[:, step:])
+    return table_v.reshape(-1, c), table_i.reshape(-1, c)
