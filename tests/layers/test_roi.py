@@ -130,13 +130,6 @@ def test_roi_pooling_errors(text, bottoms, match):
         forward_layer(text, bottoms)
 
 
-def test_roi_pooling_refuses_backward_to_rois():
-    layer, bottom, top = make_layer(roi_text(), [np.zeros((1, 2, 4, 4)), np.zeros((1, 5))])
-    layer.run_forward(bottom, top)
-    with pytest.raises(LayerError, match="rois"):
-        layer.backward(top, [True, True], bottom)
-
-
 # ------------------------------------------------------------------------------ PSROIPooling
 def np_psroi_pool(x, rois, dim, g, scale, dy=None):
     n, c, h, w = x.shape
@@ -331,3 +324,17 @@ def test_proposal_param_errors():
     with pytest.raises(LayerError, match="ratio and scale values must be positive"):
         forward_layer(proposal_text("ratio: 0"), [np.zeros((1, 6, 2, 2)), np.zeros((1, 12, 2, 2)),
                                                   np.ones((1, 3))])
+
+
+@pytest.mark.parametrize("text,rois_diff", [(roi_text(), 7), (psroi_text(1, 2, 1.0), 0)])
+def test_no_gradient_to_the_rois(text, rois_diff):
+    """As the forks (a training net may ask for it: its rois come from learned layers): ROIPooling
+    leaves the rois' diff as it was, PSROIPooling zeroes it."""
+    rois = np.array([[0, 0, 0, 3, 3]])
+    layer, bottom, top = make_layer(text, [np.ones((1, 4, 4, 4)), rois])
+    layer.run_forward(bottom, top)
+    bottom[1].diff_t = torch.full((1, 5), 7.0, dtype=torch.float64)
+    top[0].diff_t = torch.ones(top[0].shape, dtype=torch.float64)
+    layer.backward(top, [True, True], bottom)
+    assert np.all(bottom[1].diff == rois_diff)
+    assert bottom[0].diff.sum() > 0

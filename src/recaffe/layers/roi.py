@@ -60,7 +60,7 @@ class ROIPoolingLayer(Layer):
 
     Backward (the fork's GPU kernel; its CPU one is NOT_IMPLEMENTED) sends each output's diff to
     its argmax pixel, only where that pixel lies inside the rounded ROI (so a malformed ROI,
-    end < start, passes nothing). The rois bottom gets no gradient.
+    end < start, passes nothing). The rois get no gradient (their diff is left untouched).
     """
 
     exact_num_bottom_blobs = 2
@@ -139,9 +139,7 @@ class ROIPoolingLayer(Layer):
         self._argmax = arg.permute(0, 3, 1, 2).contiguous()
 
     def backward(self, top, propagate_down, bottom):
-        if propagate_down[1]:
-            raise self.error("cannot backpropagate to the rois bottom (the fork's backward does not); "
-                             "set propagate_down: false on it")
+        # the rois get no gradient: the fork leaves their diff untouched, whatever propagate_down says
         if not propagate_down[0]:
             return
         x_shape = bottom[0].shape
@@ -175,7 +173,7 @@ class PSROIPoolingLayer(Layer):
     scale, the end gets + 1: start = round(x1) * scale, end = (round(x2) + 1) * scale; size
     max(end - start, 0.1); bin rows [floor(start + ph * size / G), ceil(start + (ph + 1) * size / G))
     clipped to the map; an empty bin gives 0. Backward spreads each output's diff evenly over its
-    window (the fork's GPU kernel; the CPU one is NOT_IMPLEMENTED); the rois get no gradient.
+    window (the fork's GPU kernel; the CPU one is NOT_IMPLEMENTED); the rois' diff is zeroed.
     """
 
     exact_num_bottom_blobs = 2
@@ -248,11 +246,10 @@ class PSROIPoolingLayer(Layer):
         self._windows = (corners, area)
 
     def backward(self, top, propagate_down, bottom):
-        if propagate_down[1]:
-            raise self.error("cannot backpropagate to the rois bottom (the fork's backward does not); "
-                             "set propagate_down: false on it")
         if not propagate_down[0]:
             return
+        # the fork zeroes the rois' diff (they get no gradient)
+        bottom[1].diff_t = torch.zeros(bottom[1].shape, dtype=bottom[1].dtype, device=bottom[1].diff_t.device)
         n, c, h, w = bottom[0].shape
         dy = top[0].diff_t
         if self._windows is None or self._windows[1].shape != dy.shape:
