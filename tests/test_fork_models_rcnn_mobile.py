@@ -11,14 +11,14 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import require_reference
+from test_export import check_exports
+
 from recaffe.export import ExportError, build_graph
 from recaffe.io.netfiles import read_net_text
 from recaffe.layer import _REGISTRY, LayerError, layer_type_list
 from recaffe.net import Net
 from recaffe.proto import caffe_pb2
-from test_export import check_exports
 
 
 def registered(type_name: str) -> bool:

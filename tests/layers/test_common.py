@@ -534,7 +534,7 @@ def test_embed_errors():
 # ------------------------------------------------------------------------------ ShuffleChannel
 def np_shuffle(x, group):
     """farmingyard/ShuffleNet's Resize_cpu: input channel i * k + j -> output channel j * group + i."""
-    n, c = x.shape[:2]
+    c = x.shape[1]
     k = c // group
     y = np.empty_like(x)
     for i in range(group):

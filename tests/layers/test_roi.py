@@ -21,7 +21,7 @@ def c_round(v):
 # ------------------------------------------------------------------------------ ROIPooling
 def np_roi_pool(x, rois, ph_, pw_, scale, dy=None):
     """The fork's forward loop (and its GPU backward, per bottom element) in float64."""
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     out = np.zeros((len(rois), c, ph_, pw_))
     arg = -np.ones((len(rois), c, ph_, pw_), dtype=int)
     for r, roi in enumerate(rois):
@@ -132,7 +132,7 @@ def test_roi_pooling_errors(text, bottoms, match):
 
 # ------------------------------------------------------------------------------ PSROIPooling
 def np_psroi_pool(x, rois, dim, g, scale, dy=None):
-    n, c, h, w = x.shape
+    _, _, h, w = x.shape
     out = np.zeros((len(rois), dim, g, g))
     dx = np.zeros_like(x)
     for r, roi in enumerate(rois):
@@ -278,8 +278,8 @@ def proposal_text(extra=""):
     ("feat_stride: 16 ratio: 0.5 ratio: 1 ratio: 2 scale: 8 scale: 16 scale: 32",
      np_anchors(), (200, 230, 1.0), 6000, 300, 0.7),
     ("", np_anchors(), (150, 260, 0.6), 6000, 300, 0.7),  # py-faster-rcnn's default ratios/scales
-    ("feat_stride: 8 base_size: 8 min_size: 4 ratio: 1 ratio: 2 scale: 4 scale: 8 pre_nms_topn: 50 "
-     "post_nms_topn: 10 nms_thresh: 0.5", np_anchors(8, (1, 2), (4, 8)), (90, 100, 1.5), 50, 10, 0.5),
+    (("feat_stride: 8 base_size: 8 min_size: 4 ratio: 1 ratio: 2 scale: 4 scale: 8 pre_nms_topn: 50 "
+      "post_nms_topn: 10 nms_thresh: 0.5"), np_anchors(8, (1, 2), (4, 8)), (90, 100, 1.5), 50, 10, 0.5),
 ])
 def test_proposal_matches_py_faster_rcnn(extra, anchors, im_info, pre, post, thresh):
     a = anchors.shape[0]

@@ -603,7 +603,7 @@ def test_depthwise_convolution(type_, params, num_output):
     x = randn(2, 4, 7, 6)
     text = (f'type: "{type_}" convolution_param {{ num_output: {num_output} {params} '
             'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }')
-    layer, bottom, top = run(text, [x])
+    layer, _, top = run(text, [x])
     assert layer.group == 4 and layer.blobs[0].shape[1] == 1
     plain = text.replace(type_, "Convolution").replace("group: 4", "").replace("num_output", "group: 4 num_output")
     ref_layer, ref_bottom, ref_top = make_layer(plain, [x])

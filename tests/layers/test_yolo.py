@@ -62,7 +62,7 @@ def test_reorg_errors():
     with pytest.raises(LayerError, match="stride must be positive"):
         forward_layer('type: "Reorg" reorg_param { stride: 0 }', [np.zeros((1, 4, 4, 4))])
     with pytest.raises(LayerError, match="in-place"):
-        layer, bottom, top = make_layer('type: "Reorg"', [np.zeros((1, 4, 4, 4))])
+        layer, bottom, _ = make_layer('type: "Reorg"', [np.zeros((1, 4, 4, 4))])
         layer.setup(bottom, bottom)
 
 

@@ -38,6 +38,10 @@ LOSS_TYPES = frozenset({"SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "Infoga
                         "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "ContrastiveLoss",
                         "Accuracy"})
 
+# Other types refused with the reason why (filled by the modules that know them, e.g.
+# segmentation_ops): type -> the explanation given in the ExportError.
+REFUSED: dict[str, str] = {}
+
 
 @dataclass
 class Param:
@@ -131,6 +135,8 @@ def build_graph(net) -> ExportGraph:
             raise ExportError(f"{ltype} layer {lname!r} has no inference equivalent: loss and accuracy "
                               f"layers cannot be exported. Export a deploy net (without losses), or "
                               f"the TEST phase of a net whose losses are excluded from it.")
+        if ltype in REFUSED:
+            raise ExportError(f"{ltype} layer {lname!r}: {REFUSED[ltype]}")
         lower = LOWERINGS.get(ltype)
         if lower is None:
             raise ExportError(f"layer {lname!r} of type {ltype!r} cannot be exported: no mapping for "

@@ -4,7 +4,7 @@ torch emitters, registered in the shared tables (docs/export.md lists the constr
 ReLU6, ShuffleChannel, ConvolutionDepthwise / DepthwiseConvolution, Axpy, Reorg, Region,
 ROIPooling, PSROIPooling and Dropout with ``scale_train: false`` are exported; Proposal is not
 (its number of outputs depends on the data, and its NMS has no ONNX equivalent with
-py-faster-rcnn's pixel IoU): the lowering raises an ExportError saying so.
+py-faster-rcnn's pixel IoU): it is in graph.REFUSED with the reason.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from . import onnx_export, torch_export
-from .graph import Lowered, LayerView
+from .graph import REFUSED, LayerView, Lowered
 from .lowering import _convolution as _lower_convolution
 from .lowering import lowers
 from .onnx_export import emits as onnx_emits
@@ -71,12 +71,10 @@ def _psroi_pooling(v):
                     "spatial_scale": float(lay.spatial_scale)})
 
 
-@lowers("Proposal")
-def _proposal(v):
-    raise v.error("is not exportable: its number of proposals depends on the data, and its greedy NMS "
-                  "(py-faster-rcnn's pixel IoU, with + 1 on widths and heights) has no ONNX or fixed-shape "
-                  "torch equivalent. Export the net up to the RPN outputs and run the proposal step "
-                  "outside the exported graph.")
+REFUSED["Proposal"] = (
+    "not exportable: its number of proposals depends on the data, and its greedy NMS (py-faster-rcnn's "
+    "pixel IoU, with + 1 on widths and heights) has no ONNX or fixed-shape torch equivalent. Export the "
+    "net up to the RPN outputs and run the proposal step outside the exported graph.")
 
 
 # ------------------------------------------------------------------------------ ONNX
@@ -184,7 +182,7 @@ def _onnx_c_round(b, n, v):
 def _onnx_psroi_pooling(b, n):
     """Window sums from an integral image (float64 CumSum), gathered at each bin's corners."""
     a = n.attrs
-    num, c, h, w = n.input_shapes[0]
+    _, c, h, w = n.input_shapes[0]
     g, dim, scale = a["group_size"], a["output_dim"], a["spatial_scale"]
     L = n.layer
     xd = b.op(n, "Cast", [_x(n)], to=_DOUBLE)
