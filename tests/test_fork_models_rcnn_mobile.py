@@ -226,7 +226,7 @@ def test_yolov2_reorg_forward_and_export(tmp_path):
 def test_yolov3_upsample():
     if not registered("Upsample"):
         pytest.skip("Upsample (the segmentation branch's layer) is not registered yet")
-    net = Net(model_param("yolov3.prototxt", {"data": [1, 3, 64, 64]}), caffe_pb2.TEST)
+    net = Net(narrowed(model_param("yolov3.prototxt", {"data": [1, 3, 64, 64]}), 8), caffe_pb2.TEST)
     randomize(net)
     feed(net)
     out = net.forward()

@@ -142,8 +142,7 @@ class ReLU6Layer(NeuronLayer):
     """y = min(max(x, 0) + negative_slope * min(x, 0), 6) (MobileNet-YOLO's and NVCaffe's ReLU6;
     ``relu_param.negative_slope``, default 0). The gradient is 1 where 0 < x < 6, negative_slope
     where x <= 0 and 0 where x >= 6 (MobileNet-YOLO's backward: x == 0 takes the slope, x == 6
-    gets 0).
-    In place the top carries the same masks (its sign is the input's; it is 6 only from x >= 6)."""
+    gets 0). In place the top carries the same masks (its sign is the input's; 6 only from x >= 6)."""
 
     def layer_setup(self, bottom, top):
         self.negative_slope = self.layer_param.relu_param.negative_slope
