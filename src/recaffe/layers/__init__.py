@@ -1,3 +1,4 @@
 """Built-in layer types, one family per module; importing this package registers them all."""
 from . import (annotated_data, common, data, detection_evaluate, hdf5_data, image_data, loss,  # noqa: F401
-               mat_files, memory_data, multibox, neuron, normalization, python_layer, recurrent, vision)
+               mat_files, memory_data, multibox, neuron, normalization, python_layer, recurrent, roi,
+               vision, yolo)
