@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import require_reference
+from export_cases_rcnn_mobile import cases as rcnn_mobile_cases
 from helpers import make_net, net_param, write
 from recaffe.cli.main import main
 from recaffe.export import ExportError, build_graph, load_torch_module, to_onnx, write_torch
@@ -234,6 +235,8 @@ CASES = {
                    ((2, 4, 3, 2),), (_ties,)),
 }
 
+CASES.update(rcnn_mobile_cases(Case, L))  # the Faster R-CNN / R-FCN / mobile / YOLO fork types
+
 
 def _case_param(case: str) -> tuple[caffe_pb2.NetParameter, dict]:
     """One case's layers with their own Input layers, every name prefixed with ``case/``."""
@@ -278,6 +281,7 @@ FAMILIES = {
     "routing": ["eltwise_sum_coeffs", "eltwise_prod_max", "concat", "slice", "flatten", "reshape", "crop",
                 "split_dropout", "tile", "silence", "parameter"],
     "reductions": ["reduction", "argmax"],
+    "rcnn_mobile": list(rcnn_mobile_cases(Case, L)),
 }
 
 

@@ -529,3 +529,54 @@ def test_embed_errors():
     with pytest.raises(LayerError, match="'L'"):
         layer.backward(top, [True], bottom)
     assert not layer.allow_force_backward(0)
+
+
+# ------------------------------------------------------------------------------ ShuffleChannel
+def np_shuffle(x, group):
+    """farmingyard/ShuffleNet's Resize_cpu: input channel i * k + j -> output channel j * group + i."""
+    c = x.shape[1]
+    k = c // group
+    y = np.empty_like(x)
+    for i in range(group):
+        for j in range(k):
+            y[:, j * group + i] = x[:, i * k + j]
+    return y
+
+
+@pytest.mark.parametrize("shape,group", [((2, 6, 3, 2), 3), ((2, 6, 3, 2), 2), ((1, 12, 2), 4), ((3, 5), 1)])
+def test_shuffle_channel_forward_backward(shape, group):
+    x, dy = randn(*shape), randn(*shape, seed=1)
+    text = f'type: "ShuffleChannel" shuffle_channel_param {{ group: {group} }}'
+    (y,), (dx,), _ = forward_backward(text, [x], [dy])
+    np.testing.assert_array_equal(y, np_shuffle(x, group))
+    np.testing.assert_array_equal(np_shuffle(dx, group), dy)  # backward is the inverse permutation
+    check_gradient(text, [x])
+
+
+def test_shuffle_channel_errors():
+    raises_named('type: "ShuffleChannel" shuffle_channel_param { group: 0 }', [randn(1, 4, 2, 2)],
+                 match="group must be greater than 0")
+    msg = raises_named('type: "ShuffleChannel" shuffle_channel_param { group: 3 }', [randn(1, 4, 2, 2)])
+    assert "(1, 4, 2, 2)" in msg and "group 3" in msg
+
+
+# ------------------------------------------------------------------------------ Axpy
+@pytest.mark.parametrize("a_shape", [(2, 3, 1, 1), (2, 3)])
+def test_axpy_forward_backward(a_shape):
+    a, x, y = randn(*a_shape), randn(2, 3, 4, 5, seed=1), randn(2, 3, 4, 5, seed=2)
+    dtop = randn(2, 3, 4, 5, seed=3)
+    (top,), (da, dx, dy), _ = forward_backward('type: "Axpy"', [a, x, y], [dtop])
+    a4 = a.reshape(2, 3, 1, 1)
+    np.testing.assert_allclose(top, a4 * x + y, rtol=1e-14)
+    np.testing.assert_allclose(da, (dtop * x).sum((2, 3)).reshape(a_shape), rtol=1e-12)
+    np.testing.assert_allclose(dx, a4 * dtop, rtol=1e-14)
+    np.testing.assert_array_equal(dy, dtop)
+    check_gradient('type: "Axpy"', [a, x, y])
+
+
+def test_axpy_errors():
+    msg = raises_named('type: "Axpy"', [randn(2, 4, 1, 1), randn(2, 3, 4, 5), randn(2, 3, 4, 5)])
+    assert "(2, 4, 1, 1)" in msg and "(2, 3, 4, 5)" in msg
+    raises_named('type: "Axpy"', [randn(2, 3, 2, 1), randn(2, 3, 4, 5), randn(2, 3, 4, 5)], match="(2, 3, 2, 1)")
+    msg = raises_named('type: "Axpy"', [randn(2, 3), randn(2, 3, 4, 5), randn(2, 3, 5, 4)])
+    assert "(2, 3, 4, 5)" in msg and "(2, 3, 5, 4)" in msg

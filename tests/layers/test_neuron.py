@@ -355,3 +355,42 @@ def test_threshold_backward_not_implemented():
     layer.backward(top, [False], bottom)  # nothing asked: nothing to do
     with pytest.raises(LayerError, match=r"Threshold layer 'L'.*not implemented"):
         layer.backward(top, [True], bottom)
+
+
+# --------------------------------------------------------------------------- fork neurons
+def test_relu6_forward_gradient_and_boundaries():
+    x = away_from(4 * randn(seed=60), (0.0, 6.0))
+    (y,) = forward_layer('type: "ReLU6"', [x])
+    np.testing.assert_array_equal(y, np.minimum(np.maximum(x, 0), 6))
+    check_gradient('type: "ReLU6"', [x])
+    check_gradient('type: "ReLU6" relu_param { negative_slope: 0.1 }', [x])
+    # the forks' backward: 1 strictly inside (0, 6), the slope at x <= 0, 0 from 6 on
+    edges = np.array([[-1.0, 0.0, 3.0, 6.0, 7.0]])
+    for slope, expected in ((0, [0, 0, 1, 0, 0]), (0.1, [f32(0.1), f32(0.1), 1, 0, 0])):
+        text = f'type: "ReLU6" relu_param {{ negative_slope: {slope} }}'
+        for in_place in (False, True):
+            y, dx, _ = run(text, edges, in_place=in_place, top_diff=np.ones_like(edges))
+            np.testing.assert_allclose(y, np.minimum(np.maximum(edges, 0), 6) + f32(slope) * np.minimum(edges, 0))
+            np.testing.assert_allclose(dx, [expected], rtol=1e-7)
+
+
+def test_dropout_scale_train_false():
+    """Faster R-CNN's fork: TRAIN masks without scaling, TEST multiplies by (1 - ratio)."""
+    x = randn(4, 50, seed=61)
+    text = 'type: "Dropout" dropout_param { dropout_ratio: 0.25 scale_train: false }'
+    layer, bottom, top = make_layer(text, [x])
+    layer.run_forward(bottom, top)
+    dropped = top[0].data == 0
+    np.testing.assert_array_equal(top[0].data[~dropped], x[~dropped])
+    assert abs(dropped.mean() - 0.25) < 0.05
+    dy = randn(4, 50, seed=62)
+    top[0].diff_t = torch.tensor(dy)
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, np.where(dropped, 0, dy))
+    factor = f32(1 / f32(1 / 0.75))
+    for in_place in (False, True):
+        y, dx, _ = run(text, x, in_place=in_place, top_diff=dy, phase=caffe_pb2.TEST)
+        np.testing.assert_allclose(y, x * factor, rtol=1e-15)
+        np.testing.assert_allclose(dx, dy * factor, rtol=1e-15)
+    check_gradient(text, [randn(seed=63)])
+    check_gradient(text, [randn(seed=64)], phase=caffe_pb2.TEST)

@@ -590,3 +590,32 @@ def test_crop_bad_params():
     raises('type: "Crop" crop_param { axis: 2 offset: 3 }', [x, ref], "out-of-bounds")
     raises('type: "Crop" crop_param { axis: 4 }', [x, ref], "axis 4 out of range")
     raises('type: "Crop"', [x], "exactly 2 bottom")
+
+
+# ------------------------------------------------------------------------------ depthwise
+@pytest.mark.parametrize("type_", ["ConvolutionDepthwise", "DepthwiseConvolution"])
+@pytest.mark.parametrize("params,num_output", [
+    ("kernel_size: 3 stride: 2 pad: 1", 4),
+    ("kernel_h: 3 kernel_w: 2 pad_w: 1 dilation: 2 bias_term: false group: 4", 4),
+    ("kernel_size: 2", 8),  # a depth multiplier of 2
+])
+def test_depthwise_convolution(type_, params, num_output):
+    x = randn(2, 4, 7, 6)
+    text = (f'type: "{type_}" convolution_param {{ num_output: {num_output} {params} '
+            'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }')
+    layer, _, top = run(text, [x])
+    assert layer.group == 4 and layer.blobs[0].shape[1] == 1
+    plain = text.replace(type_, "Convolution").replace("group: 4", "").replace("num_output", "group: 4 num_output")
+    ref_layer, ref_bottom, ref_top = make_layer(plain, [x])
+    for mine, ref in zip(layer.blobs, ref_layer.blobs):
+        ref.data[...] = mine.data
+    ref_layer.run_forward(ref_bottom, ref_top)
+    np.testing.assert_allclose(top[0].data, ref_top[0].data, rtol=1e-14, atol=1e-14)
+    check_gradient(text, [randn(1, 4, 5, 4, seed=1)])
+
+
+def test_depthwise_convolution_errors():
+    raises('type: "ConvolutionDepthwise" convolution_param { num_output: 6 kernel_size: 3 }',
+           [randn(1, 4, 5, 5)], r"num_output \(6\).*channels \(4\)")
+    raises('type: "DepthwiseConvolution" convolution_param { num_output: 4 kernel_size: 3 group: 2 }',
+           [randn(1, 4, 5, 5)], r"group 2.*4 channels")

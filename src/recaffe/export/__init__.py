@@ -11,3 +11,5 @@ from . import detection_ops  # noqa: F401,E402  (registers the SSD layers' lower
 
 __all__ = ["ExportError", "ExportGraph", "build_graph", "export_onnx", "to_onnx", "export_torch",
            "load_torch_module", "to_torch_source", "write_torch"]
+
+from . import rcnn_mobile_ops  # noqa: F401  (registers the R-CNN / mobile / YOLO fork types)

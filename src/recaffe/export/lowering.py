@@ -56,6 +56,8 @@ def _silence(v):
 def _dropout(v):
     if not _test_phase(v):
         raise v.error("dropout in TRAIN phase is random; export the TEST phase (identity)")
+    if not v.layer.scale_train:  # Faster R-CNN's fork: TEST multiplies by (1 - ratio)
+        return Lowered({"factor": float(v.layer.test_factor)})
     return ALIAS
 
 

@@ -82,7 +82,7 @@ FORK_FIELDS: dict[tuple[str, str], tuple[str, int | None]] = {
     ("LayerParameter", "video_data_param"): (SSD, 207),
     ("LayerParameter", "roi_pooling_param"): (FRCNN, 8266711),
     ("LayerParameter", "smooth_l1_loss_param"): (FRCNN, 8266712),
-    ("LayerParameter", "psroi_pooling_param"): (RFCN, None),
+    ("LayerParameter", "psroi_pooling_param"): (RFCN, 10001),
     ("LayerParameter", "proposal_param"): (OPENCV, None),
     ("LayerParameter", "bn_param"): (SEGNET, 45),
     ("LayerParameter", "upsample_param"): (SEGNET, 137),

@@ -767,3 +767,80 @@ class EmbedLayer(Layer):
             self.blobs[0].diff_t.index_add_(0, self._idx, dy)
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff_t.add_(dy.sum(0))
+
+
+# ------------------------------------------------------------------ fork layers (mobile nets)
+@register("ShuffleChannel")
+class ShuffleChannelLayer(Layer):
+    """ShuffleNet's channel shuffle (farmingyard/ShuffleNet): the C = group * k channels, read as
+    a (group, k) grid, are written transposed, (k, group): input channel g * k + j goes to output
+    channel j * group + g. Backward applies the inverse permutation to the diff."""
+
+    exact_num_bottom_blobs = 1
+    exact_num_top_blobs = 1
+
+    def layer_setup(self, bottom, top):
+        self.group = self.layer_param.shuffle_channel_param.group
+        if self.group <= 0:
+            raise self.error(f"group must be greater than 0, got {self.group}")
+
+    def reshape(self, bottom, top):
+        shape = bottom[0].shape
+        if len(shape) < 2:
+            raise self.error(f"bottom must have a channel axis (at least 2 axes), got shape {shape}")
+        if shape[1] % self.group:
+            raise self.error(f"wrong group size: {shape[1]} channels (bottom shape {shape}) are not "
+                             f"a multiple of group {self.group}")
+        if top[0] is not bottom[0]:
+            top[0].reshape(shape)
+
+    @staticmethod
+    def _shuffle(x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Channels read as a (rows, C / rows) grid, written transposed."""
+        n, c = x.shape[:2]
+        return x.reshape(n, rows, c // rows, -1).transpose(1, 2).reshape(x.shape)
+
+    def forward(self, bottom, top):
+        top[0].data_t = self._shuffle(bottom[0].data_t, self.group)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            dy = top[0].diff_t
+            bottom[0].diff_t = self._shuffle(dy, dy.shape[1] // self.group)
+
+
+@register("Axpy")
+class AxpyLayer(Layer):
+    """SENet-caffe's Axpy: top = a * x + y with bottoms a (N, C) or (N, C, 1, 1), x and y
+    (N, C, H, W) of one shape; a scales each channel of x. Backward: da = sum over H, W of
+    dtop * x, dx = a * dtop, dy = dtop."""
+
+    exact_num_bottom_blobs = 3
+    exact_num_top_blobs = 1
+
+    def reshape(self, bottom, top):
+        a, x, y = (b.shape for b in bottom)
+        if len(x) < 2 or a[:2] != x[:2] or any(d != 1 for d in a[2:]):
+            raise self.error(f"the scale bottom must be (N, C) or (N, C, 1, 1) with the N and C of "
+                             f"x: scale shape {a}, x shape {x}")
+        if x != y:
+            raise self.error(f"x and y must have the same shape: x shape {x}, y shape {y}")
+        top[0].reshape(x)
+
+    def _scale(self, a: torch.Tensor, x_shape) -> torch.Tensor:
+        return a.reshape(x_shape[:2] + (1,) * (len(x_shape) - 2))
+
+    def forward(self, bottom, top):
+        x = bottom[1].data_t
+        top[0].data_t = torch.addcmul(bottom[2].data_t, self._scale(bottom[0].data_t, x.shape), x)
+
+    def backward(self, top, propagate_down, bottom):
+        dtop = top[0].diff_t
+        x = bottom[1].data_t
+        if propagate_down[0]:
+            da = (dtop * x).reshape(x.shape[0], x.shape[1], -1).sum(2)
+            bottom[0].diff_t = da.reshape(bottom[0].shape)
+        if propagate_down[1]:
+            bottom[1].diff_t = dtop * self._scale(bottom[0].data_t, x.shape)
+        if propagate_down[2]:
+            bottom[2].diff_t = dtop.clone() if top[0] is not bottom[2] else dtop

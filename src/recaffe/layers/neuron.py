@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import rng
@@ -96,23 +97,34 @@ class TanHLayer(NeuronLayer):
 @register("Dropout")
 class DropoutLayer(NeuronLayer):
     """TRAIN: y = x * mask / (1 - ratio), mask ~ Bernoulli(1 - ratio), kept for backward.
-    TEST: identity (the top shares the bottom's tensor, as Split does)."""
+    TEST: identity (the top shares the bottom's tensor, as Split does).
+
+    Faster R-CNN's fork adds ``scale_train`` (default true, the above). With ``scale_train: false``
+    TRAIN keeps the unscaled mask (y = x * mask) and TEST multiplies by (1 - ratio) instead, in
+    backward too; the factor is the fork's float 1 / scale with scale = 1 / (1 - ratio)."""
 
     def layer_setup(self, bottom, top):
-        ratio = self.layer_param.dropout_param.dropout_ratio
+        p = self.layer_param.dropout_param
+        ratio = p.dropout_ratio
         # Caffe only DCHECKs this; ratio 1 would scale by infinity.
         if not 0.0 <= ratio < 1.0:
             raise self.error(f"dropout_ratio must be in [0, 1), got {ratio}")
         self.ratio = ratio
         self.scale = 1.0 / (1.0 - ratio)
+        self.scale_train = p.scale_train
+        # the fork keeps scale_ as a float and multiplies TEST outputs by 1 / scale_
+        self.test_factor = float(np.float32(1.0 / float(np.float32(self.scale))))
         self.mask: torch.Tensor | None = None
 
     def forward(self, bottom, top):
         x = bottom[0].data_t
         if self.phase == caffe_pb2.TRAIN:
             keep = torch.empty_like(x).bernoulli_(1.0 - self.ratio, generator=rng.generator(x.device))
-            self.mask = keep.mul_(self.scale)  # scaled mask: values in {0, scale}
+            # scaled mask: values in {0, scale}; unscaled with scale_train false: {0, 1}
+            self.mask = keep.mul_(self.scale) if self.scale_train else keep
             top[0].data_t = x * self.mask
+        elif not self.scale_train:
+            top[0].data_t = x * self.test_factor
         elif top[0] is not bottom[0]:
             top[0].data_t = x
 
@@ -124,8 +136,39 @@ class DropoutLayer(NeuronLayer):
             if self.mask is None or self.mask.shape != dy.shape:
                 raise self.error("backward called without a matching TRAIN forward (no dropout mask)")
             bottom[0].diff_t = dy * self.mask
+        elif not self.scale_train:
+            bottom[0].diff_t = dy * self.test_factor
         elif top[0] is not bottom[0]:
             bottom[0].diff_t = dy
+
+
+@register("ReLU6")
+class ReLU6Layer(NeuronLayer):
+    """y = min(max(x, 0) + negative_slope * min(x, 0), 6) (MobileNet-YOLO's and NVCaffe's ReLU6;
+    ``relu_param.negative_slope``, default 0). The gradient is 1 where 0 < x < 6, negative_slope
+    where x <= 0 and 0 where x >= 6 (MobileNet-YOLO's backward: x == 0 takes the slope, x == 6
+    gets 0). In place the top carries the same masks (its sign is the input's; 6 only from x >= 6)."""
+
+    def layer_setup(self, bottom, top):
+        self.negative_slope = self.layer_param.relu_param.negative_slope
+
+    def forward(self, bottom, top):
+        x = bottom[0].data_t
+        y = torch.clamp(x, 0.0, 6.0)
+        if self.negative_slope != 0:
+            y = y + self.negative_slope * torch.clamp(x, max=0.0)
+        top[0].data_t = y
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = bottom[0].data_t
+        dy = top[0].diff_t
+        zero = torch.zeros((), dtype=dy.dtype, device=dy.device)
+        dx = torch.where((x > 0) & (x < 6), dy, zero)
+        if self.negative_slope != 0:
+            dx = dx + torch.where(x <= 0, dy * self.negative_slope, zero)
+        bottom[0].diff_t = dx
 
 
 @register("PReLU")

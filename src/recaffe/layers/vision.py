@@ -144,7 +144,7 @@ class _BaseConvolution(Layer):
         self.num_output = p.num_output
         if self.num_output <= 0:
             raise self.error("num_output must be positive")
-        self.group = p.group
+        self.group = self._group(p)
         if self.group <= 0:
             raise self.error("group must be positive")
         if self.channels % self.group:
@@ -172,6 +172,9 @@ class _BaseConvolution(Layer):
         self._torch = d <= 3
         self._bias_sizes = [self.num_output] if self.bias_term else None
         self._in_shape = None
+
+    def _group(self, p) -> int:
+        return p.group
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -278,6 +281,25 @@ class ConvolutionLayer(_BaseConvolution):
         gw = self._nd_conv_weight(dy, x) if mask[1] else None
         gb = dy.sum((0,) + tuple(range(2, dy.dim()))) if mask[2] else None
         return gx, gw, gb
+
+
+@register("ConvolutionDepthwise", "DepthwiseConvolution")
+class DepthwiseConvolutionLayer(ConvolutionLayer):
+    """The mobile nets' depthwise convolution (ConvolutionDepthwise: farmingyard's
+    caffe-mobilenet, used by ShuffleNet; DepthwiseConvolution: yonghenglh6's): Convolution with
+    group = the bottom's channels, whatever ``convolution_param.group`` says (a group other than 1
+    or the channel count is an error). Same params and blobs as Convolution, weights
+    (num_output, 1, *kernel); one grouped convolution kernel. num_output must be a multiple of the
+    channels (the forks assume num_output == channels; a multiple is a depth multiplier)."""
+
+    def _group(self, p) -> int:
+        if p.group not in (1, self.channels):
+            raise self.error(f"group is the channel count in a depthwise convolution: group "
+                             f"{p.group} given, the bottom has {self.channels} channels")
+        if p.num_output % self.channels:
+            raise self.error(f"num_output ({p.num_output}) must be a multiple of the bottom's "
+                             f"channels ({self.channels}) in a depthwise convolution")
+        return self.channels
 
 
 @register("Deconvolution")
