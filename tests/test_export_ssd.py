@@ -134,3 +134,23 @@ def test_ssd_training_layers_are_refused_with_the_reason():
     layers = L("SmoothL1Loss", "", bottom=("x0", "x1"))
     with pytest.raises(ExportError, match="SmoothL1Loss layer 'y': SmoothL1Loss is a training loss"):
         build_graph(_net(layers, [(2, 3), (2, 3)]))
+
+
+def test_opencv_faster_rcnn_form_priors_without_variances(tmp_path):
+    """OpenCV's Faster R-CNN nets feed DetectionOutput proposals [1, 1, P*4] in pixels (no variance
+    channel), share_location false, variance_encoded_in_target, normalized_bbox false."""
+    g = np.random.default_rng(3)
+    p, c = 12, 3
+    xy = g.uniform(0, 150, (p, 2))
+    prior = np.concatenate([xy, xy + g.uniform(20, 60, (p, 2))], 1).reshape(1, 1, -1)
+    loc = g.normal(0, 0.2, (1, p * c * 4))
+    logits = g.normal(0, 2, (p, c))
+    conf = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).reshape(1, -1)
+    layers = L("DetectionOutput", "detection_output_param { num_classes: 3 share_location: false "
+                                  "code_type: CENTER_SIZE variance_encoded_in_target: true normalized_bbox: false "
+                                  "keep_top_k: 10 nms_param { nms_threshold: 0.3 } }", bottom=("x0", "x1", "x2"))
+    net = _net(layers, [loc.shape, conf.shape, prior.shape])
+    feed = {"x0": loc, "x1": conf, "x2": prior}
+    check_exports(net, tmp_path, feed=feed)
+    rows = net.blobs["y"].data[0, 0]
+    assert rows.shape == (10, 7) and set(rows[:, 1]) <= {1, 2}

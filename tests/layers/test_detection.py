@@ -405,3 +405,18 @@ def test_smooth_l1_errors():
         make_layer('type: "SmoothL1Loss"', [x, x, x])
     with pytest.raises(LayerError, match=r"bottom\[1\] shape \(2, 4\) does not match bottom\[0\] shape \(2, 3\)"):
         make_layer('type: "SmoothL1Loss"', [x, np.ones((2, 4))])
+
+
+def test_detection_output_opencv_faster_rcnn_form():
+    """Proposals as priors: one channel (no variances) with variance_encoded_in_target, pixel boxes,
+    a location per class."""
+    loc, conf, prior = detection_inputs(n=1, share=False, seed=5)
+    boxes = prior[0, 0] * 200
+    text = ('type: "DetectionOutput" detection_output_param { num_classes: 4 share_location: false '
+            'code_type: CENTER_SIZE variance_encoded_in_target: true normalized_bbox: false keep_top_k: 15 '
+            'nms_param { nms_threshold: 0.3 } }')
+    (got,) = forward_layer(text, [loc, conf, boxes.reshape(1, 1, -1)])
+    with_ones = np.stack([boxes, np.ones_like(boxes)])[None]
+    ref = np_detection_output(loc, conf, with_ones, 4, False, 0, "CENTER_SIZE", 0.3, -1, 1.0, 15, -3.4e38,
+                              normalized=False)
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)

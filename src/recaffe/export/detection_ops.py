@@ -74,7 +74,8 @@ def _lower_detection_output(v):
     if lay.need_save:
         raise v.error("save_output_param writes result files; export a deploy net without it")
     opts = lay.options()
-    opts["num_priors"] = v.bottom_shapes[2][2] // 4 if len(v.bottom_shapes[2]) > 2 else 1
+    per_image = int(np.prod(v.bottom_shapes[0][1:]))
+    opts["num_priors"] = per_image // ((1 if lay.share_location else lay.num_classes) * 4)
     opts["batch"] = v.bottom_shapes[0][0]
     opts["dynamic_axis"] = 2  # the number of rows depends on the data
     return Lowered(opts)
@@ -165,11 +166,15 @@ def _onnx_detection_output(b, n):
     i64 = b.helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
     f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))
     # decode: [N, L, P, 4]
-    pr = _reshape_to(b, n, b.op(n, "Slice", [_reshape_to(b, n, prior, [-1]), b.ints([0], f"{n.layer}_p0"),
-                                             b.ints([2 * p * 4], f"{n.layer}_p1"), b.ints([0], f"{n.layer}_p2")]),
-                     [2, p, 4])
-    pb = b.op(n, "Gather", [pr, b.ints(0, f"{n.layer}_boxes")], axis=0)
-    pv = b.op(n, "Gather", [pr, b.ints(1, f"{n.layer}_variances")], axis=0)
+    flat = _reshape_to(b, n, prior, [-1])
+
+    def part(k):  # the k-th channel of the priors, [P, 4] (k = 1: the variances)
+        return _reshape_to(b, n, b.op(n, "Slice", [flat, b.ints([k * p * 4], f"{n.layer}_p{k}s"),
+                                                   b.ints([(k + 1) * p * 4], f"{n.layer}_p{k}e"),
+                                                   b.ints([0], f"{n.layer}_p{k}a")]), [p, 4])
+
+    pb = part(0)
+    pv = None if a["variance_encoded_in_target"] else part(1)  # OpenCV's priors may have one channel
     l4 = b.op(n, "Transpose", [_reshape_to(b, n, loc, [num, p, nl, 4])], perm=[0, 2, 1, 3])
     boxes = _onnx_decode(b, n, l4, pb, pv)
     if a["clip"]:

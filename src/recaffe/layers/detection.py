@@ -65,10 +65,13 @@ def ssd_detections(loc: torch.Tensor, conf: torch.Tensor, prior: torch.Tensor, *
     conf ``[N, P*num_classes]`` and priors ``[1, 2, P*4]``; ``labels`` are the classes other than
     the background, ascending."""
     n = loc.shape[0]
-    p = prior.numel() // 8
     nl = 1 if share_location else num_classes
-    pr = prior.reshape(-1)[: 2 * p * 4].reshape(2, p, 4)
-    decoded = decode_boxes(loc.reshape(n, p, nl, 4).transpose(1, 2), pr[0], pr[1], code_type=code_type,
+    p = loc.shape[1] // (nl * 4)
+    flat = prior.reshape(-1)
+    boxes_p = flat[: p * 4].reshape(p, 4)
+    # OpenCV's priors may have no variance channel when the variance is encoded in the target
+    var_p = torch.ones_like(boxes_p) if variance_encoded_in_target else flat[p * 4: 2 * p * 4].reshape(p, 4)
+    decoded = decode_boxes(loc.reshape(n, p, nl, 4).transpose(1, 2), boxes_p, var_p, code_type=code_type,
                            variance_encoded_in_target=variance_encoded_in_target, normalized=normalized)
     if clip:
         decoded = decoded.clamp(0.0, 1.0)                                   # [N, L, P, 4]
@@ -334,8 +337,9 @@ class DetectionOutputLayer(Layer):
             raise self.error(f"number of priors must match number of confidence predictions: priors "
                              f"{bottom[2].shape} ({self.num_priors} priors) vs conf {bottom[1].shape} "
                              f"({self.num_classes} classes)")
-        if bottom[2].count() < 2 * self.num_priors * 4:
-            raise self.error(f"priors {bottom[2].shape} must hold boxes and variances (2 channels)")
+        if bottom[2].count() < (1 if self.variance_encoded else 2) * self.num_priors * 4:
+            raise self.error(f"priors {bottom[2].shape} must hold boxes and variances (2 channels; 1 is enough "
+                             "with variance_encoded_in_target, as OpenCV's Faster R-CNN nets feed it)")
         top[0].reshape((1, 1, 1, 7))
 
     # ----------------------------------------------------------------- forward
