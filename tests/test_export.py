@@ -1,7 +1,6 @@
 """caffe export: every mapped layer type through ONNX (run by onnxruntime) and through the
 generated PyTorch module, against recaffe's own forward; the zoo nets; errors; the CLI."""
 import dataclasses
-import pathlib
 
 import numpy as np
 import onnx
