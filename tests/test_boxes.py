@@ -100,3 +100,14 @@ def test_batched_nms_matches_nms_per_row(eta, pixel):
         want = reference_nms(rows[r], scores[r].tolist(), 0.6, 0.1, 20, eta, pixel)
         assert got == want
         assert got == nms(boxes[r], scores[r], 0.6, score_threshold=0.1, top_k=20, eta=eta, pixel=pixel).tolist()
+
+
+@pytest.mark.parametrize("pixel", [False, True])
+def test_nms_across_blocks_matches_sequential_definition(pixel):
+    # more candidates than one block (recaffe.boxes._NMS_BLOCK): kept boxes of earlier blocks
+    # must suppress later ones
+    rng = np.random.default_rng(11)
+    boxes = random_boxes(rng, 700, pixel)
+    scores = rng.uniform(0, 1, 700)
+    ours = nms(torch.tensor(boxes), torch.tensor(scores), 0.3, pixel=pixel).tolist()
+    assert ours == reference_nms(boxes, scores, 0.3, None, -1, 1.0, pixel)
