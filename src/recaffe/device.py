@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+from .errors import RecaffeError
 
 DETERMINISTIC_ENV = "RECAFFE_DETERMINISTIC"
 
@@ -15,7 +16,7 @@ _mode = "cpu"
 _device_id = 0
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RecaffeError, RuntimeError):
     pass
 
 

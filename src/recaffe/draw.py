@@ -27,6 +27,7 @@ except ImportError as e:  # an optional dependency: recaffe[tools]
 from .io.protofiles import atomic_write
 from .log import get_logger
 from .proto import caffe_pb2
+from .errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -41,7 +42,7 @@ _LEARNING_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 TEXT_FORMATS = ("dot", "gv", "raw")
 
 
-class DrawError(ValueError):
+class DrawError(RecaffeError, ValueError):
     pass
 
 

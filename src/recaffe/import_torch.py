@@ -36,12 +36,13 @@ from torch import nn
 from .blob import set_packed_values
 from .io.protofiles import write_binary, write_text
 from .proto import caffe_pb2
+from .errors import RecaffeError
 
 _CEIL = caffe_pb2.PoolingParameter.CEIL
 _FLOOR = caffe_pb2.PoolingParameter.FLOOR
 
 
-class TorchImportError(ValueError):
+class TorchImportError(RecaffeError, ValueError):
     """A module the import cannot express in Caffe; the message names the module's index and type."""
 
 

@@ -21,11 +21,12 @@ import torch
 from .blob import Blob
 from .fillers import fill
 from .proto import caffe_pb2
+from .errors import RecaffeError
 
 _REGISTRY: dict[str, type["Layer"]] = {}
 
 
-class LayerError(ValueError):
+class LayerError(RecaffeError, ValueError):
     """A user-facing error about a layer's parameters or blobs; the message names the layer."""
 
 

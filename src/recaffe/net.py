@@ -29,6 +29,7 @@ from .layer import Layer, LayerError, create_layer
 from .log import get_logger
 from .net_state import filter_net
 from .proto import caffe_pb2
+from .errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -36,7 +37,7 @@ TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
 
-class WeightsError(ValueError):
+class WeightsError(RecaffeError, ValueError):
     """Weights that do not fit the net; the message names the layer and both shapes."""
 
 

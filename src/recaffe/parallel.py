@@ -30,6 +30,7 @@ import torch
 
 from .log import get_logger, set_log_level
 from .signals import ACTIONS, SignalHandler
+from .errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -37,7 +38,7 @@ _solver_rank = 0
 _solver_count = 1
 
 
-class DataParallelError(RuntimeError):
+class DataParallelError(RecaffeError, RuntimeError):
     pass
 
 

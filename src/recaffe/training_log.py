@@ -41,6 +41,7 @@ import re
 from dataclasses import dataclass
 
 from .io.protofiles import atomic_write
+from .errors import RecaffeError
 
 # glog prefix: severity, [YYYY]MMDD, HH:MM:SS.micros, thread, file:line] message
 _PREFIX = re.compile(r"^[IWEF](\d{8}|\d{4}) (\d\d):(\d\d):(\d\d)\.(\d{1,6})\s+\S+\s+[^\]]*\]\s?(.*)$")
@@ -53,7 +54,7 @@ _LEARNING_RATE = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 BASE_COLUMNS = ("NumIters", "Seconds", "LearningRate")
 
 
-class TrainingLogError(ValueError):
+class TrainingLogError(RecaffeError, ValueError):
     pass
 
 

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ..errors import RecaffeError
 
 
-class FlagError(ValueError):
+class FlagError(RecaffeError, ValueError):
     pass
 
 

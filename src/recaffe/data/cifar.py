@@ -22,6 +22,7 @@ import numpy as np
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, DBError, open_db
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -33,7 +34,7 @@ TEST_FILE = "test_batch.bin"
 COMMIT_EVERY = 1000
 
 
-class CifarFormatError(ValueError):
+class CifarFormatError(RecaffeError, ValueError):
     """A CIFAR batch file that is missing or malformed; the message names the file."""
 
 

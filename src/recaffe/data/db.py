@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 from ..log import get_logger
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -32,7 +33,7 @@ READ, WRITE, NEW = "read", "write", "new"
 _MODES = (READ, WRITE, NEW)
 
 
-class DBError(RuntimeError):
+class DBError(RecaffeError, RuntimeError):
     """A database that cannot be opened, read or written; the message names backend and path."""
 
 

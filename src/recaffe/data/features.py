@@ -16,13 +16,14 @@ import numpy as np
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 COMMIT_EVERY = 1000
 
 
-class FeatureError(ValueError):
+class FeatureError(RecaffeError, ValueError):
     """Blob names or databases that do not fit the net; the message says which."""
 
 

@@ -22,6 +22,7 @@ import io
 import os
 
 import numpy as np
+from ..errors import RecaffeError
 
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 _COEF_SCALE = 1 << _COEF_BITS
@@ -29,7 +30,7 @@ _COEF_SCALE = 1 << _COEF_BITS
 _GRAY_R, _GRAY_G, _GRAY_B = 4899, 9617, 1868
 
 
-class ImageReadError(ValueError):
+class ImageReadError(RecaffeError, ValueError):
     """A file that does not exist or cannot be decoded as an image; the message names it."""
 
 

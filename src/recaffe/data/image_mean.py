@@ -16,13 +16,14 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import READ, open_db
 from .transformer import TransformError, decode_image
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 LOG_EVERY = 10000
 
 
-class ImageMeanError(ValueError):
+class ImageMeanError(RecaffeError, ValueError):
     """A database whose mean cannot be computed; the message names the database (and record)."""
 
 

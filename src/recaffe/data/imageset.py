@@ -42,13 +42,14 @@ from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
 from .image_file import ImageReadError, encode_image, pillow_format, read_image
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 COMMIT_EVERY = 1000
 
 
-class ImagesetError(ValueError):
+class ImagesetError(RecaffeError, ValueError):
     """A list file or image set that cannot be converted; the message names the file (and line)."""
 
 

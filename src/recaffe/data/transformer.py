@@ -27,11 +27,12 @@ from ..blob import Blob
 from ..io.protofiles import ProtoFileError, read_binary
 from ..log import get_logger
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 
-class TransformError(ValueError):
+class TransformError(RecaffeError, ValueError):
     """Data that the transformation parameters cannot apply to (sizes, mean, decoding)."""
 
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 
-class ExportError(ValueError):
+class ExportError(RecaffeError, ValueError):
     """A net that cannot be exported; the message names the layer and its type."""
 
 

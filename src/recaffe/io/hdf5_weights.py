@@ -13,9 +13,10 @@ import numpy as np
 
 from ..blob import Blob
 from .protofiles import atomic_target
+from ..errors import RecaffeError
 
 
-class HDF5FormatError(ValueError):
+class HDF5FormatError(RecaffeError, ValueError):
     pass
 
 

@@ -22,6 +22,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
 from .protofiles import ProtoFileError, read_binary
+from ..errors import RecaffeError
 
 MAX_PARSE_BYTES = 1 << 28  # well below protobuf's 2 GiB limit; bounds the extra memory one parse takes
 
@@ -30,7 +31,7 @@ _ELEMENT_BYTES = {_FD.TYPE_FLOAT: 4, _FD.TYPE_FIXED32: 4, _FD.TYPE_SFIXED32: 4,
                   _FD.TYPE_DOUBLE: 8, _FD.TYPE_FIXED64: 8, _FD.TYPE_SFIXED64: 8}
 
 
-class WireFormatError(ValueError):
+class WireFormatError(RecaffeError, ValueError):
     """Bytes that are not a valid protobuf encoding (or need a parse protobuf cannot do)."""
 
 

@@ -14,11 +14,12 @@ from typing import TypeVar
 
 from google.protobuf import message as _message
 from google.protobuf import text_format
+from ..errors import RecaffeError
 
 M = TypeVar("M", bound=_message.Message)
 
 
-class ProtoFileError(ValueError):
+class ProtoFileError(RecaffeError, ValueError):
     """A file that cannot be read as the expected Caffe message; the text names the file."""
 
 

@@ -13,11 +13,12 @@ from ..layer import Layer, register
 from ..log import get_logger
 from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 
-class HDF5DataError(ValueError):
+class HDF5DataError(RecaffeError, ValueError):
     """An HDF5 list file, file or dataset that cannot be used; the message names it."""
 
 

@@ -11,13 +11,14 @@ import numpy as np
 
 from ..log import get_logger
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
 
-class LearningRateError(ValueError):
+class LearningRateError(RecaffeError, ValueError):
     pass
 
 

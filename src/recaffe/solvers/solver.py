@@ -17,13 +17,14 @@ from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
 from .lr_policies import learning_rate
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 solver_registry: dict[str, type["Solver"]] = {}
 
 
-class SolverError(ValueError):
+class SolverError(RecaffeError, ValueError):
     pass
 
 
