@@ -93,9 +93,9 @@ class Layer:
         self.param_propagate_down: list[bool] = []
         self.loss_weights: list[float] = []
         if len(param.blobs):
-            for proto in param.blobs:
+            for i, proto in enumerate(param.blobs):
                 b = Blob((), dtype, self.device)
-                b.from_proto(proto)
+                b.from_proto(proto, where=f"layer {param.name!r} param {i}")
                 self.blobs.append(b)
 
     # ------------------------------------------------------------ contract

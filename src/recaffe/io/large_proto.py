@@ -21,7 +21,7 @@ import os
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
-from .protofiles import ProtoFileError, read_binary
+from .protofiles import ProtoFileError, check_path, read_binary
 from ..errors import RecaffeError
 
 MAX_PARSE_BYTES = 1 << 28  # well below protobuf's 2 GiB limit; bounds the extra memory one parse takes
@@ -39,7 +39,7 @@ def read_binary_any_size(path: str | os.PathLike, msg, what: str | None = None,
                          max_parse: int | None = None):
     """``protofiles.read_binary`` for files of any size: larger than ``max_parse`` bytes (default
     ``MAX_PARSE_BYTES``), the file is mapped and merged piece by piece (see the module docstring)."""
-    path = os.fspath(path)
+    path = check_path(path)
     max_parse = max_parse or MAX_PARSE_BYTES
     what = what or type(msg).__name__
     try:

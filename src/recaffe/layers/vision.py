@@ -140,7 +140,10 @@ class _BaseConvolution(Layer):
         self.channels = bottom[0].shape[self.axis]
         self.num_output = p.num_output
         if self.num_output <= 0:
-            raise self.error("num_output must be positive")
+            raise self.error(f"num_output must be positive, got {self.num_output}")
+        if self.channels <= 0:
+            raise self.error(f"the input {self.layer_param.bottom[0]!r} has {self.channels} channels "
+                             f"(shape {bottom[0].shape}): nothing to convolve")
         self.group = p.group
         if self.group <= 0:
             raise self.error("group must be positive")

@@ -143,7 +143,7 @@ class SGDSolver(Solver):
                 raise SolverError(f"{state_file}: history blob {i} has shape {shape}, this net's "
                                   f"param {i} has shape {h.shape}: the state belongs to another net")
             if isinstance(saved, caffe_pb2.BlobProto):
-                h.from_proto(saved, reshape=False)
+                h.from_proto(saved, reshape=False, where=f"{state_file}: history blob {i}")
             else:
                 h.data[...] = saved
 
