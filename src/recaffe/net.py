@@ -24,7 +24,7 @@ from .insert_splits import insert_splits
 from .io import hdf5_weights
 from .io.netfiles import read_net_binary, read_net_text
 from .io.upgrade import upgrade_net
-from .io.protofiles import write_binary
+from .io.protofiles import check_path, write_binary
 from .layer import Layer, LayerError, create_layer
 from .log import get_logger
 from .net_state import filter_net
@@ -467,9 +467,17 @@ class Net:
     def copy_from(self, filename: str | os.PathLike) -> None:
         """Load weights by layer name from a ``.caffemodel`` or Caffe's HDF5 weights
         (``.caffemodel.h5``, recognized by content as Caffe does) — pycaffe's ``net.copy_from``."""
-        filename = os.fspath(filename)
+        filename = check_path(filename)
         if hdf5_weights.is_hdf5(filename):
-            hdf5_weights.load_net(self, filename)
+            try:
+                hdf5_weights.load_net(self, filename)
+            except RecaffeError:
+                raise
+            except (KeyError, IndexError, ValueError, TypeError, OSError) as e:  # h5py on a wrong layout
+                raise WeightsError(f"{filename}: not Caffe HDF5 weights ({type(e).__name__}: {e})") from None
+        elif filename.endswith(".h5") and os.path.isfile(filename):
+            raise WeightsError(f"{filename}: named .h5 but not an HDF5 file (HDF5 weights are recognized by "
+                               "their content, as Caffe does)")
         else:
             self.copy_trained_layers_from(read_net_binary(filename), filename)
 

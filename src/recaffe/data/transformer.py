@@ -60,7 +60,10 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise TransformError(f"the encoded datum ({len(data)} bytes): refused to decode a possible "
+                             f"decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise TransformError(f"cannot decode the encoded datum ({len(data)} bytes) as an image: {e}") \
             from None
     if img.mode == "1":

@@ -16,7 +16,7 @@ from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
-from .lr_policies import learning_rate
+from .lr_policies import LearningRateError, check_policy, learning_rate
 from ..errors import RecaffeError
 
 log = get_logger(__name__)
@@ -54,6 +54,10 @@ class Solver:
             raise SolverError("average_loss should be non-negative (>= 1)")
         if param.iter_size < 1:
             raise SolverError("iter_size must be >= 1")
+        try:
+            check_policy(param)
+        except LearningRateError as e:
+            raise SolverError(f"{source or '<solver>'}: {e}") from None
         if param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
                 and _device.mode() == "cpu":
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
