@@ -46,6 +46,8 @@ def read_binary_any_size(path: str | os.PathLike, msg, what: str | None = None,
         size = os.path.getsize(path)
     except FileNotFoundError:
         raise ProtoFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ProtoFileError(f"{path}: cannot be read ({e.strerror or e})") from None
     if size <= max_parse:
         return read_binary(path, msg, what)
     problem = None

@@ -125,6 +125,8 @@ class SGDSolver(Solver):
             state = read_binary(state_file, caffe_pb2.SolverState(), "SolverState (.solverstate)")
             it, model, step, history = state.iter, state.learned_net or None, state.current_step, state.history
         self.iter = it
+        if isinstance(model, bytes):  # not UTF-8: protobuf hands the bytes over; a path as Caffe reads it
+            model = os.fsdecode(model)
         if model:
             if not os.path.exists(model):  # snapshots moved together: look beside the state file
                 alt = os.path.join(os.path.dirname(state_file), os.path.basename(model))
