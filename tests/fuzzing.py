@@ -361,6 +361,7 @@ class SolverTarget(Target):
         del param.test_net[:]
         if param.test_iter and max(param.test_iter) > 5:
             del param.test_iter[:]
+        param.iter_size = min(param.iter_size, 4)  # a huge iter_size is valid, just long (as in Caffe)
         solver = create_solver(param, source=path)
         solver.step(2)
 

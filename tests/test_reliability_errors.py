@@ -91,6 +91,18 @@ def test_invalid_utf8_path_is_read(tmp_path):
     assert Net(path, caffe_pb2.TEST).layer_names == ["in", "ip"]
 
 
+def test_solver_file_name_that_is_not_utf8(tmp_path):
+    net = write(tmp_path, "net.prototxt", LOSS_NET)
+    path = os.path.join(str(tmp_path), os.fsdecode(b"s\xff.prototxt"))
+    with open(path, "w") as f:
+        f.write(f'net: "{net}" base_lr: 0.1 lr_policy: "fixed"\n')
+    with pytest.raises(SolverError, match="the solver file's name is not UTF-8.*set snapshot_prefix"):
+        create_solver(read_solver_text(path), source=path)
+    with open(path, "a") as f:
+        f.write(f'snapshot_prefix: "{tmp_path / "snap"}"\n')
+    create_solver(read_solver_text(path), source=path).step(1)
+
+
 # ------------------------------------------------------------------ weights (items 4, 5)
 def test_empty_caffemodel_is_an_error_naming_the_file(tmp_path):
     (tmp_path / "w.caffemodel").write_bytes(b"")

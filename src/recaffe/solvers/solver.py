@@ -48,7 +48,11 @@ class Solver:
             param = upgrade_solver(_copy(param), source or "<solver>")
         self.param = param
         self.source = source
-        self._upgrade_snapshot_prefix()
+        try:
+            self._upgrade_snapshot_prefix()
+        except UnicodeEncodeError:  # protobuf strings are UTF-8; a file name need not be
+            raise SolverError(f"{source!r}: the solver file's name is not UTF-8, so snapshot_prefix cannot be "
+                              "derived from it: set snapshot_prefix in the solver file") from None
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
         if param.average_loss < 1:
             raise SolverError("average_loss should be non-negative (>= 1)")
