@@ -483,8 +483,9 @@ def _net_text(text: str, phase=None):
 
 
 def _png(r: random.Random) -> bytes:
-    from PIL import Image
     import io
+
+    from PIL import Image
     a = np.random.default_rng(r.getrandbits(32)).integers(0, 256, (r.randint(1, 6), r.randint(1, 6), 3), np.uint8)
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format=r.choice(("PNG", "JPEG", "BMP")))

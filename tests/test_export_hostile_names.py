@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recaffe.export import load_torch_module, write_torch, build_graph
+from recaffe.export import build_graph, load_torch_module, write_torch
 from recaffe.export.torch_export import to_torch_source
 from recaffe.io.protofiles import parse_text
 from recaffe.net import Net
@@ -43,7 +43,7 @@ def hostile_names(tmp_path) -> list[str]:
 
 
 def _net_text(names, net_name) -> str:
-    q = lambda s: '"' + "".join(f"\\{ord(c):03o}" if ord(c) < 128 else c for c in s) + '"'  # noqa: E731
+    q = lambda s: '"' + "".join(f"\\{ord(c):03o}" if ord(c) < 128 else c for c in s) + '"'
     text = f"name: {q(net_name)}\n"
     text += f'layer {{ name: {q(names[0])} type: "Input" top: {q(names[1])} ' \
             'input_param { shape { dim: 2 dim: 3 } } }\n'
@@ -89,7 +89,7 @@ def test_each_hostile_name_alone_as_the_net_name_and_a_blob_name(tmp_path, i):
     source, _ = to_torch_source(build_graph(Net(param, caffe_pb2.TEST)))
     os.environ.pop(FLAG, None)
     namespace = {}
-    exec(compile(source, "<export>", "exec"), namespace)
+    exec(compile(source, "<export>", "exec"), namespace)  # noqa: S102 - running it is the test
     assert FLAG not in os.environ and not os.path.exists(tmp_path / "pwned")
     cls = namespace[namespace["__all__"][0]]
     assert cls.INPUTS == (name,)

@@ -7,7 +7,6 @@ Seeded: a failure names the index that reproduces it (``--reproduce INDEX --targ
 import os
 
 import pytest
-
 from fuzzing import TARGETS, fuzz
 
 N = int(os.environ.get("RECAFFE_FUZZ_N", "60"))
@@ -16,7 +15,7 @@ SEED = int(os.environ.get("RECAFFE_FUZZ_SEED", "0"))
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_fuzz_gives_success_or_a_clean_error(target):
-    done, clean, failures, _ = fuzz(target, N, SEED)
+    done, _, failures, _ = fuzz(target, N, SEED)
     assert done == N
     assert not failures, "\n".join(str(f) for f in failures[:10])
 

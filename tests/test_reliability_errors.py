@@ -9,8 +9,8 @@ import zlib
 
 import numpy as np
 import pytest
-
 from helpers import capture_log, write
+
 from recaffe.blob import Blob, BlobError
 from recaffe.cli.main import main
 from recaffe.errors import RecaffeError
@@ -179,15 +179,15 @@ def test_decompression_bomb_in_an_image_list_is_named(tmp_path):
 
 # ------------------------------------------------------------------ layers (item 4)
 @pytest.mark.parametrize("layer, message", [
-    ('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 2 '
-     'kernel_size: 2147483647 } }', r"'c' failed to set up: .*blob size exceeds INT_MAX"),
-    ('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 0 '
-     'kernel_size: 3 } }', r"'c': num_output must be positive, got 0"),
+    (('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 2 '
+      'kernel_size: 2147483647 } }'), r"'c' failed to set up: .*blob size exceeds INT_MAX"),
+    (('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 0 '
+      'kernel_size: 3 } }'), r"'c': num_output must be positive, got 0"),
     ('layer { name: "p" type: "Pooling" bottom: "x" top: "x" pooling_param { kernel_size: 2 } }',
-     r"Pooling layer 'p' cannot compute in place: its top 'x' would change shape from 1 2 5 5 \(50\) to "
-     r"1 2 4 4 \(32\)"),
-    ('layer { name: "c" type: "Convolution" bottom: "x" top: "x" convolution_param { num_output: 3 '
-     'kernel_size: 1 } }', r"'c' cannot compute in place"),
+     (r"Pooling layer 'p' cannot compute in place: its top 'x' would change shape from 1 2 5 5 \(50\) to "
+      r"1 2 4 4 \(32\)")),
+    (('layer { name: "c" type: "Convolution" bottom: "x" top: "x" convolution_param { num_output: 3 '
+      'kernel_size: 1 } }'), r"'c' cannot compute in place"),
 ])
 def test_bad_layer_settings_are_layer_errors_at_setup(tmp_path, layer, message):
     with pytest.raises(LayerError, match=message):
@@ -265,6 +265,7 @@ def test_adam_settings_are_checked_at_init(tmp_path, setting, value):
 
 def test_malformed_hdf5_solverstate_is_named(tmp_path):
     import h5py
+
     from recaffe.io.hdf5_weights import HDF5FormatError
     net = write(tmp_path, "net.prototxt", LOSS_NET)
     path = write(tmp_path, "s.prototxt", f'net: "{net}" base_lr: 0.1 lr_policy: "fixed"')
@@ -286,9 +287,9 @@ def test_user_errors_are_one_line_and_exit_1(tmp_path, capsys):
     assert main(["test", f"-model={tmp_path / 'net.prototxt'}", f"-weights={tmp_path / 'w.caffemodel'}"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert [ln for ln in err.splitlines() if "error:" in ln] == [
-        f'caffe test: error: {tmp_path / "net.prototxt"}:4:8: Non-repeated field "name" is specified multiple '
-        'times (in caffe.LayerParameter).']
+    expected = (f'caffe test: error: {tmp_path / "net.prototxt"}:4:8: Non-repeated field "name" is specified '
+                'multiple times (in caffe.LayerParameter).')
+    assert [ln for ln in err.splitlines() if "error:" in ln] == [expected]
     assert main(["device_query", "-gpu", "zero"]) == 1
     assert "-gpu: expected device ids" in capsys.readouterr().err
     # the tools too
@@ -314,7 +315,7 @@ def test_cli_error_in_a_subprocess_is_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
     env.pop("RECAFFE_TRACEBACK", None)
     out = subprocess.run([sys.executable, "-m", "recaffe.cli.main", "train", f"-solver={solver}"],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env, timeout=120, check=False)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and "caffe train: error: '\\x00': not a valid file name" in out.stderr
 

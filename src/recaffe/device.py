@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from .errors import RecaffeError
 
 DETERMINISTIC_ENV = "RECAFFE_DETERMINISTIC"

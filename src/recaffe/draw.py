@@ -24,10 +24,10 @@ try:
 except ImportError as e:  # an optional dependency: recaffe[tools]
     raise ImportError("drawing nets needs pydot: pip install 'recaffe[tools]' (pydot, matplotlib)") from e
 
+from .errors import RecaffeError
 from .io.protofiles import atomic_write
 from .log import get_logger
 from .proto import caffe_pb2
-from .errors import RecaffeError
 
 log = get_logger(__name__)
 

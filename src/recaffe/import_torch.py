@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from .blob import set_packed_values
+from .errors import RecaffeError
 from .io.protofiles import write_binary, write_text
 from .proto import caffe_pb2
-from .errors import RecaffeError
 
 _CEIL = caffe_pb2.PoolingParameter.CEIL
 _FLOOR = caffe_pb2.PoolingParameter.FLOOR

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 
 from .blob import Blob
+from .errors import RecaffeError
 from .fillers import fill
 from .proto import caffe_pb2
-from .errors import RecaffeError
 
 _REGISTRY: dict[str, type["Layer"]] = {}
 

@@ -28,9 +28,9 @@ import traceback
 
 import torch
 
+from .errors import RecaffeError
 from .log import get_logger, set_log_level
 from .signals import ACTIONS, SignalHandler
-from .errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -40,8 +40,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .io.protofiles import atomic_write
 from .errors import RecaffeError
+from .io.protofiles import atomic_write
 
 # glog prefix: severity, [YYYY]MMDD, HH:MM:SS.micros, thread, file:line] message
 _PREFIX = re.compile(r"^[IWEF](\d{8}|\d{4}) (\d\d):(\d\d):(\d\d)\.(\d{1,6})\s+\S+\s+[^\]]*\]\s?(.*)$")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+
 from ..errors import RecaffeError
 
 CHART_TYPES = [  # (rows, y label, x label), in Caffe's numbering

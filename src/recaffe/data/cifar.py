@@ -19,10 +19,10 @@ import os
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, DBError, open_db
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -23,9 +23,9 @@ import os
 import threading
 from collections.abc import Iterator
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -25,6 +25,7 @@ import io
 import os
 
 import numpy as np
+
 from ..errors import RecaffeError
 
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS

@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import READ, open_db
 from .transformer import TransformError, decode_image
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
 from .image_file import ImageReadError, encode_image, pillow_format, read_image
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

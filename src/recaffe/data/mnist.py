@@ -15,10 +15,10 @@ import struct
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -24,10 +24,10 @@ import torch
 
 from .. import rng as _rng
 from ..blob import Blob
+from ..errors import RecaffeError
 from ..io.protofiles import ProtoFileError, read_binary
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..proto import caffe_pb2
 from ..errors import RecaffeError
+from ..proto import caffe_pb2
 
 
 class ExportError(RecaffeError, ValueError):

@@ -462,8 +462,8 @@ def to_torch_source(graph: ExportGraph) -> tuple[str, "OrderedDict[str, torch.Te
     for h in s.helpers:
         lines += ["", _HELPERS[h].rstrip("\n")]
     lines += ["", "", f"class {cls}(torch.nn.Module):",
-              f"    INPUTS = {ascii(tuple(n for n, _ in graph.inputs))}",
-              f"    OUTPUTS = {ascii(tuple(n for n, _ in graph.outputs))}",
+              f"    INPUTS = {tuple(n for n, _ in graph.inputs)!a}",
+              f"    OUTPUTS = {tuple(n for n, _ in graph.outputs)!a}",
               "", "    def __init__(self):", "        super().__init__()"]
     lines += [f"        {d}" for d in s.declarations]
     lines += ["", f"    def forward(self, {', '.join(args)}):"]

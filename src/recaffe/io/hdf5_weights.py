@@ -12,8 +12,8 @@ import os
 import numpy as np
 
 from ..blob import Blob
-from .protofiles import atomic_target
 from ..errors import RecaffeError
+from .protofiles import atomic_target
 
 
 class HDF5FormatError(RecaffeError, ValueError):

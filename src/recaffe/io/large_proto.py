@@ -21,8 +21,8 @@ import os
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
-from .protofiles import ProtoFileError, check_path, read_binary
 from ..errors import RecaffeError
+from .protofiles import ProtoFileError, check_path, read_binary
 
 MAX_PARSE_BYTES = 1 << 28  # well below protobuf's 2 GiB limit; bounds the extra memory one parse takes
 

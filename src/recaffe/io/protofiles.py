@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from google.protobuf import message as _message
 from google.protobuf import text_format
+
 from ..errors import RecaffeError
 
 M = TypeVar("M", bound=_message.Message)

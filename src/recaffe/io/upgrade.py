@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from google.protobuf import descriptor as _descriptor
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from .. import rng
+from ..errors import RecaffeError
 from ..io.hdf5_weights import import_h5py, write_hdf5_atomically
 from ..layer import Layer, register
 from ..log import get_logger
 from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

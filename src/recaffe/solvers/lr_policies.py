@@ -16,9 +16,9 @@ import math
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 

@@ -11,13 +11,13 @@ from google.protobuf import text_format
 
 from .. import device as _device
 from .. import rng
+from ..errors import RecaffeError
 from ..io.netfiles import read_net_text
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..proto import caffe_pb2
 from .lr_policies import LearningRateError, check_policy, learning_rate
-from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
