@@ -241,6 +241,26 @@ layer { name: "mvn" type: "MVN" bottom: "h" top: "mvn" mvn_param { normalize_var
 layer { name: "elu" type: "ELU" bottom: "mvn" top: "elu" }
 layer { name: "emb" type: "Embed" bottom: "label" top: "emb" embed_param { num_output: 2 input_dim: 3 } }
 """,
+    b"""name: "fuzz4"
+layer { name: "seq" type: "Input" top: "x" top: "cont" top: "target"
+  input_param { shape { dim: 3 dim: 2 dim: 4 } shape { dim: 3 dim: 2 } shape { dim: 3 dim: 2 dim: 5 } } }
+layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "cont" top: "h"
+  recurrent_param { num_output: 5 weight_filler { type: "uniform" min: -0.1 max: 0.1 } } }
+layer { name: "rnn" type: "RNN" bottom: "h" bottom: "cont" top: "r" recurrent_param { num_output: 5 } }
+layer { name: "eu" type: "EuclideanLoss" bottom: "r" bottom: "target" top: "l1" loss_weight: 0.5 }
+layer { name: "sce" type: "SigmoidCrossEntropyLoss" bottom: "h" bottom: "target" top: "l2" }
+layer { name: "perm" type: "Reshape" bottom: "r" top: "r2" reshape_param { shape { dim: 6 dim: 5 } } }
+layer { name: "hinge" type: "Dropout" bottom: "r2" top: "r3" }
+layer { name: "bias" type: "Bias" bottom: "r3" top: "r4" bias_param { axis: 1 num_axes: 1 } }
+layer { name: "abs" type: "AbsVal" bottom: "r4" top: "r5" }
+layer { name: "log" type: "Log" bottom: "r5" top: "r6" log_param { shift: 1 } }
+layer { name: "exp" type: "Exp" bottom: "r6" top: "r7" exp_param { base: 2 scale: 0.5 } }
+layer { name: "thr" type: "Threshold" bottom: "r7" top: "r8" threshold_param { threshold: 1 } }
+layer { name: "split" type: "Split" bottom: "r8" top: "s1" top: "s2" }
+layer { name: "filter" type: "Softmax" bottom: "s1" top: "sm" softmax_param { axis: -1 } }
+layer { name: "bnll" type: "BNLL" bottom: "s2" top: "bn" }
+layer { name: "tanh" type: "TanH" bottom: "bn" top: "th" }
+""",
 ]
 
 _SKIP_TYPES = re.compile(rb"HDF5Output|Python|Data\"|WindowData|ImageData|MemoryData")
@@ -384,7 +404,10 @@ class CaffemodelTarget(Target):
         i = r.randrange(len(self.params))
         net = _net(self.params[i])
         from recaffe.proto import caffe_pb2
-        path = _write("w.caffemodel", mutate_proto_bytes(self.models[i], caffe_pb2.NetParameter, r))
+        if r.random() < 0.8:
+            path = _write("w.caffemodel", mutate_proto_bytes(self.models[i], caffe_pb2.NetParameter, r))
+        else:
+            path = _random_weights_h5(r, net)
         net.copy_from(path)
         net.forward()
 
@@ -422,6 +445,26 @@ def _random_array(r: random.Random):
     shape = tuple(r.choice((0, 1, 2, 3, 6)) for _ in range(r.choice((0, 1, 1, 2, 3))))
     return np.zeros(shape, dtype=kind) if kind.startswith("S") else \
         (np.random.default_rng(r.getrandbits(32)).standard_normal(shape) * 3).astype(kind)
+
+
+def _random_weights_h5(r: random.Random, net) -> str:
+    """A .caffemodel.h5 of the net's layers with random datasets (shapes, types, extra groups)."""
+    import h5py
+    path = "w.caffemodel.h5"
+    with h5py.File(path, "w") as f:
+        top = f.create_group(r.choice(("data", "data", "data", "diff", "weights")))
+        for name, layer in zip(net.layer_names, net.layers):
+            if r.random() < 0.2:
+                continue
+            g = top.require_group(r.choice((name, name, "other", name + "/x")))
+            for j, blob in enumerate(layer.blobs):
+                key = str(j if r.random() < 0.9 else j + 5)
+                if key in g:
+                    continue
+                g[key] = np.zeros(blob.shape, np.float32) if r.random() < 0.6 else _random_array(r)
+            if r.random() < 0.1 and "extra" not in g:
+                g["extra"] = _random_array(r)
+    return path
 
 
 def _random_state_h5(r: random.Random) -> str:

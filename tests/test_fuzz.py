@@ -39,3 +39,20 @@ def test_mutations_are_seeded():
     a = fuzzing.mutate_text(fuzzing.NET_SEEDS[0], random.Random("x/1"))
     b = fuzzing.mutate_text(fuzzing.NET_SEEDS[0], random.Random("x/1"))
     assert a == b != fuzzing.NET_SEEDS[0]
+
+
+def test_the_seeds_themselves_run():
+    """Mutations start from valid inputs: every seed net and solver runs without error."""
+    import fuzzing
+    from recaffe.io.protofiles import parse_text
+    from recaffe.proto import caffe_pb2
+    from recaffe.solvers import create_solver
+    with fuzzing.bounded():
+        for seed in fuzzing.NET_SEEDS:
+            for phase in (caffe_pb2.TRAIN, caffe_pb2.TEST):
+                net = fuzzing._net_text(seed.decode(), phase)
+                net.forward()
+                net.backward()
+        for seed in fuzzing.SOLVER_SEEDS:
+            param = parse_text((seed % fuzzing._LOSS_NET).decode(), caffe_pb2.SolverParameter())
+            create_solver(param).step(2)
