@@ -249,6 +249,11 @@ def test_inv_with_negative_gamma_is_refused_at_solver_init(tmp_path):
     with pytest.raises(SolverError, match=r"s\.prototxt: lr_policy 'inv' with gamma -0.01 and power 0.75: "
                                           r"1 \+ gamma \* iter is negative from iteration 101"):
         create_solver(read_solver_text(path), source=path)
+    for power in ("inf", "nan"):  # not a number a pow can take either
+        path = write(tmp_path, "p.prototxt", f'net: "{net}" base_lr: 0.1 lr_policy: "inv" gamma: -0.1 '
+                                             f'power: {power} max_iter: 100')
+        with pytest.raises(SolverError, match=f"power {power}"):
+            create_solver(read_solver_text(path), source=path)
     path = write(tmp_path, "ok.prototxt", f'net: "{net}" base_lr: 0.1 lr_policy: "inv" gamma: -0.01 power: 0.75 '
                                           'max_iter: 50')
     create_solver(read_solver_text(path), source=path)  # never reaches a negative base

@@ -53,7 +53,7 @@ def _sigmoid(x: float) -> float:
 
 def check_policy(p: caffe_pb2.SolverParameter) -> None:
     """Reject at solver init the settings whose rate has no real value before max_iter."""
-    if p.lr_policy == "inv" and p.gamma < 0 and p.power != int(p.power):
+    if p.lr_policy == "inv" and p.gamma < 0 and not float(p.power).is_integer():
         last = 1.0 + p.gamma * p.max_iter
         if last < 0:
             raise LearningRateError(
