@@ -334,3 +334,36 @@ def test_every_user_error_class_is_a_recaffe_error():
                 DBError, DeviceError, HDF5FormatError):
         assert issubclass(cls, RecaffeError), cls
     assert issubclass(LayerError, ValueError) and issubclass(DBError, RuntimeError)  # kept for callers
+
+
+# ------------------------------------------------------------------ what the fuzzer found
+@pytest.mark.parametrize("shape, layer", [
+    ("dim: 0 dim: 3 dim: 4 dim: 4", 'type: "BatchNorm"'),
+    ("dim: 0 dim: 3 dim: 4 dim: 4", 'type: "MVN" mvn_param { normalize_variance: true }'),
+    ("dim: 2 dim: 0 dim: 4", 'type: "InnerProduct" inner_product_param { num_output: 2 }'),
+])
+def test_zero_sized_inputs_run(tmp_path, shape, layer):
+    text = (f'layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ {shape} }} }} }}\n'
+            f'layer {{ name: "l" {layer} bottom: "x" top: "y" }}')
+    net = net_from(tmp_path, text, phase=caffe_pb2.TRAIN)
+    net.forward()
+    net.backward()
+
+
+def test_lstm_over_zero_features_runs(tmp_path):
+    text = ('layer { name: "in" type: "Input" top: "x" top: "c" input_param { shape { dim: 2 dim: 1 dim: 0 } '
+            'shape { dim: 2 dim: 1 } } }\n'
+            'layer { name: "lstm" type: "LSTM" bottom: "x" bottom: "c" top: "h" recurrent_param { num_output: 3 } }')
+    net = net_from(tmp_path, text, phase=caffe_pb2.TRAIN)
+    assert net.forward()["h"].shape == (2, 1, 3)
+    net.backward()
+
+
+def test_pooling_stride_far_past_the_input_and_huge_lrn_size_are_layer_errors(tmp_path):
+    pool = 'layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { kernel_size: 2 stride: 65536 } }'
+    with pytest.raises(LayerError, match=r"Pooling layer 'p': kernel \[2, 2\], stride \[65536, 65536\].*over "
+                                         "INT_MAX"):
+        net_from(tmp_path, INPUT + pool)
+    lrn = 'layer { name: "n" type: "LRN" bottom: "x" top: "y" lrn_param { local_size: 4294967295 } }'
+    with pytest.raises(LayerError, match="LRN layer 'n': local_size 4294967295 is too large"):
+        net_from(tmp_path, INPUT + lrn)
