@@ -177,6 +177,13 @@ def test_decompression_bomb_in_an_image_list_is_named(tmp_path):
         net_from(tmp_path, text, phase=caffe_pb2.TRAIN)
 
 
+def test_decompression_bomb_in_caffe_io_load_image_is_named(tmp_path):
+    import caffe
+    (tmp_path / "bomb.png").write_bytes(_png_header(60000, 60000))
+    with pytest.raises(ValueError, match=r"bomb\.png: cannot read as an image: .*decompression bomb"):
+        caffe.io.load_image(str(tmp_path / "bomb.png"))
+
+
 # ------------------------------------------------------------------ layers (item 4)
 @pytest.mark.parametrize("layer, message", [
     (('layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 2 '
