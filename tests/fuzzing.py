@@ -16,6 +16,8 @@ CI runs a few hundred inputs per target (tests/test_fuzz.py); the long mode runs
 Resources are bounded: blobs hold at most ``MAX_FUZZ_BLOB`` values while fuzzing (a shape past it
 is a BlobError, as a shape past INT_MAX is in Caffe), and nets whose mutated text holds a type that
 writes files or imports code (HDF5Output, Python) are skipped; every input runs in a scratch folder.
+The command line also limits the address space (``--max-memory-gb``, 8 by default): an allocation
+past it fails, and a failed allocation counts as a failure even when it surfaces as a clean error.
 """
 from __future__ import annotations
 
@@ -626,6 +628,8 @@ TARGETS = {t.name: t for t in (PrototxtTarget, SolverTarget, CaffemodelTarget, S
 
 
 # ------------------------------------------------------------------------------ driver
+_ALLOCATION = re.compile(r"can't allocate memory|out of memory|Cannot allocate memory", re.I)
+
 class Failure:
     def __init__(self, target: str, index: int, exc: BaseException):
         self.target, self.index = target, index
@@ -660,6 +664,9 @@ def fuzz(name: str, n: int, seed: int = 0, start: int = 0, time_limit: float | N
             try:
                 target.run(r)
             except ACCEPTED as e:
+                if _ALLOCATION.search(str(e)):  # a huge allocation that failed (--max-memory-gb) is a bug
+                    failures.append(Failure(name, i, e))
+                    continue
                 clean += 1
                 if os.environ.get("RECAFFE_FUZZ_VERBOSE"):
                     print(f"  clean {name}[{i}]: {str(e)[:160]!r}")
@@ -690,7 +697,13 @@ def main(argv=None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--targets", default=",".join(TARGETS), help="names, each optionally name:n")
     ap.add_argument("--reproduce", type=int, default=None, help="run this index of one target, with traceback")
+    ap.add_argument("--max-memory-gb", type=float, default=8.0,
+                    help="address-space limit: an input allocating more fails instead of exhausting the machine")
     args = ap.parse_args(argv)
+    if args.max_memory_gb > 0:
+        import resource
+        limit = int(args.max_memory_gb * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if args.reproduce is not None:
         reproduce(args.targets, args.reproduce, args.seed)
         return 0

@@ -221,6 +221,11 @@ def test_blob_size_is_capped_at_int_max_as_in_caffe():
     with pytest.raises(BlobError, match="exceeds INT_MAX"):
         Blob((65536, 32768))
     Blob((65536, 32767))  # INT_MAX - 65535 values: lazily allocated, fine
+    # found by the fuzzer: pad 0x7fffffff on an empty batch gave a (0, 4, 4294967300, 4294967300) top
+    # whose pooling masks took 21 GB; the non-zero axes are held to the same limit
+    with pytest.raises(BlobError, match="non-zero axes hold more than INT_MAX"):
+        Blob((0, 4, 50000, 50000))
+    Blob((0, 3, 224, 224))
 
 
 # ------------------------------------------------------------------ solvers (item 4)

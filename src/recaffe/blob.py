@@ -70,6 +70,10 @@ class Blob:
         count = _prod(shape)
         if count > MAX_BLOB_COUNT:
             raise BlobError(f"blob shape {shape} holds {count} values: blob size exceeds INT_MAX (as in Caffe)")
+        if not count and _prod(d for d in shape if d) > MAX_BLOB_COUNT:
+            # Caffe checks only until an axis is 0; but layers size their work by the other axes
+            # (pooling windows, masks), so a (0, C, 50000, 50000) blob is refused as well
+            raise BlobError(f"blob shape {shape}: its non-zero axes hold more than INT_MAX values")
         same_count = count == _prod(self._shape)
         self._shape = shape
         for s in (self._data, self._diff):
