@@ -33,6 +33,9 @@ Caffe's tools (each prints its own usage with -help):
   upgrade_solver_proto_text, parse_log, plot_training_log, draw_net,
   export (a net to ONNX or a PyTorch module)
 
+Errors in what you give (files, settings, flags) are printed as one line, exit status 1;
+RECAFFE_TRACEBACK=1 in the environment adds their Python traceback.
+
 Flags (Caffe's spellings: -flag=value, --flag=value, -flag value):
 """
 
