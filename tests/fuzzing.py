@@ -550,17 +550,20 @@ class ImageListTarget(Target):
 
     def run(self, r):
         _write("bad.img", mutate_bytes(r.choice(self.images), r))
-        names = [b"good0.img", b"good1.img", b"good2.img", b"bad.img", b"missing.png", b"list.txt"]
+        # mostly valid lines, so that most inputs get as far as decoding and transforming
+        names = [b"good0.img", b"good1.img", b"good2.img", b"bad.img", b"bad.img", b"bad.img", b"missing.png",
+                 b"list.txt"]
         lines = []
         for _ in range(r.randint(1, 4)):
-            lines.append(r.choice(names) + b" " + r.choice((b"0", b"1", b"7", b"-3", b"x", b"", b"1 2",
-                                                            b"99999999999999999999")))
+            label = r.choice((b"0", b"1", b"7")) if r.random() < 0.85 else \
+                r.choice((b"-3", b"x", b"", b"1 2", b"99999999999999999999"))
+            lines.append(r.choice(names) + b" " + label)
         text = b"\n".join(lines)
-        if r.random() < 0.5:
+        if r.random() < 0.25:
             text = mutate_text(text, r)
         _write("list.txt", text)
-        opts = r.choice(("", "new_height: 4 new_width: 5", "is_color: false", "shuffle: true",
-                         "new_height: 3", "rand_skip: 2"))
+        opts = r.choice(("", "", "new_height: 4 new_width: 5", "is_color: false", "shuffle: true", "rand_skip: 2",
+                         "new_height: 1 new_width: 9") + (("new_height: 3",) if r.random() < 0.1 else ()))
         crop = r.choice(("", "transform_param { crop_size: 2 mirror: true }",
                          "transform_param { scale: 0.5 mean_value: 1 mean_value: 2 mean_value: 3 }",
                          "transform_param { crop_size: 9 }"))
