@@ -262,7 +262,7 @@ def _read_unit_float(raw: bytes, filename: str) -> np.ndarray:
     try:
         pil = Image.open(_bytes_io.BytesIO(raw))
         pil.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ValueError(f"{filename}: cannot read as an image: {e}") from None
     if pil.mode.startswith("I;16"):
         return np.asarray(pil, dtype=np.float64) / 65535.0

@@ -27,9 +27,15 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .errors import RecaffeError
 from .proto import caffe_pb2
 
 MAX_BLOB_AXES = 32
+MAX_BLOB_COUNT = 2**31 - 1  # Caffe's Blob::Reshape: "blob size exceeds INT_MAX"
+
+
+class BlobError(RecaffeError, ValueError):
+    """A shape a blob cannot take, or a BlobProto whose values do not fit its shape."""
 
 
 class _Synced:
@@ -68,10 +74,16 @@ class Blob:
         if shape == self._shape:
             return
         if len(shape) > MAX_BLOB_AXES:
-            raise ValueError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
+            raise BlobError(f"blob shape {shape} has more than {MAX_BLOB_AXES} axes")
         if any(d < 0 for d in shape):
-            raise ValueError(f"blob shape {shape} has a negative dimension")
+            raise BlobError(f"blob shape {shape} has a negative dimension")
         count = _prod(shape)
+        if count > MAX_BLOB_COUNT:
+            raise BlobError(f"blob shape {shape} holds {count} values: blob size exceeds INT_MAX (as in Caffe)")
+        if not count and _prod(d for d in shape if d) > MAX_BLOB_COUNT:
+            # Caffe checks only until an axis is 0; but layers size their work by the other axes
+            # (pooling windows, masks), so a (0, C, 50000, 50000) blob is refused as well
+            raise BlobError(f"blob shape {shape}: its non-zero axes hold more than INT_MAX values")
         same_count = count == _prod(self._shape)
         self._shape = shape
         for s in (self._data, self._diff):
@@ -277,22 +289,33 @@ class Blob:
                     and self.legacy_shape(-1) == proto.width)
         return tuple(proto.shape.dim) == self._shape
 
-    def from_proto(self, proto: caffe_pb2.BlobProto, reshape: bool = True) -> None:
-        """Load data (and diff, when present) from a BlobProto, float or double."""
+    def from_proto(self, proto: caffe_pb2.BlobProto, reshape: bool = True, where: str = "") -> None:
+        """Load data (and diff, when present) from a BlobProto, float or double. As Caffe's
+        Blob::FromProto, the data must hold exactly one value per element (and so must the diff
+        when it is present); ``where`` (file, layer, param index) starts the error message."""
+        where = f"{where}: " if where else ""
         shape = proto_shape(proto)
         if reshape:
-            self.reshape(shape)
+            try:
+                self.reshape(shape)
+            except BlobError as e:
+                raise BlobError(f"{where}{e}") from None
         elif not self.shape_equals(proto):
-            raise ValueError(f"cannot copy a blob of shape {shape} into one of shape {self._shape}")
+            raise BlobError(f"{where}cannot copy a blob of shape {shape} into one of shape {self._shape}")
         n = self.count()
         values = _proto_values(proto, "data")
+        got = 0 if values is None else values.size
+        if got != n:
+            raise BlobError(f"{where}the blob holds {got} data values for its shape {shape} ({n} values): "
+                            "the file is truncated or corrupt")
         # Copy into the existing tensors: numpy views users hold and shared params stay live.
         if values is not None:
-            if values.size != n:
-                raise ValueError(f"blob proto holds {values.size} data values for shape {shape}")
             self.data_t.copy_(_to_tensor(values.reshape(self._shape), self))
         diff = _proto_values(proto, "diff")
-        if diff is not None and diff.size == n:
+        if diff is not None:
+            if diff.size != n:
+                raise BlobError(f"{where}the blob holds {diff.size} diff values for its shape {shape} "
+                                f"({n} values): the file is truncated or corrupt")
             self.diff_t.copy_(_to_tensor(diff.reshape(self._shape), self))
 
     def to_proto(self, write_diff: bool = False) -> caffe_pb2.BlobProto:

@@ -9,13 +9,15 @@ import os
 
 import torch
 
+from .errors import RecaffeError
+
 DETERMINISTIC_ENV = "RECAFFE_DETERMINISTIC"
 
 _mode = "cpu"
 _device_id = 0
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RecaffeError, RuntimeError):
     pass
 
 

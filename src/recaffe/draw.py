@@ -24,6 +24,7 @@ try:
 except ImportError as e:  # an optional dependency: recaffe[tools]
     raise ImportError("drawing nets needs pydot: pip install 'recaffe[tools]' (pydot, matplotlib)") from e
 
+from .errors import RecaffeError
 from .io.protofiles import atomic_write
 from .log import get_logger
 from .proto import caffe_pb2
@@ -41,7 +42,7 @@ _LEARNING_TYPES = ("Convolution", "Deconvolution", "InnerProduct")
 TEXT_FORMATS = ("dot", "gv", "raw")
 
 
-class DrawError(ValueError):
+class DrawError(RecaffeError, ValueError):
     pass
 
 

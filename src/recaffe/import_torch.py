@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .blob import set_packed_values
+from .errors import RecaffeError
 from .io.protofiles import write_binary, write_text
 from .proto import caffe_pb2
 
@@ -41,7 +42,7 @@ _CEIL = caffe_pb2.PoolingParameter.CEIL
 _FLOOR = caffe_pb2.PoolingParameter.FLOOR
 
 
-class TorchImportError(ValueError):
+class TorchImportError(RecaffeError, ValueError):
     """A module the import cannot express in Caffe; the message names the module's index and type."""
 
 

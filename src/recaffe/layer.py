@@ -19,13 +19,14 @@ from typing import Callable, Sequence
 import torch
 
 from .blob import Blob
+from .errors import RecaffeError
 from .fillers import fill
 from .proto import caffe_pb2
 
 _REGISTRY: dict[str, type["Layer"]] = {}
 
 
-class LayerError(ValueError):
+class LayerError(RecaffeError, ValueError):
     """A user-facing error about a layer's parameters or blobs; the message names the layer."""
 
 
@@ -94,9 +95,9 @@ class Layer:
         self.param_propagate_down: list[bool] = []
         self.loss_weights: list[float] = []
         if len(param.blobs):
-            for proto in param.blobs:
+            for i, proto in enumerate(param.blobs):
                 b = Blob((), dtype, self.device)
-                b.from_proto(proto)
+                b.from_proto(proto, where=f"layer {param.name!r} param {i}")
                 self.blobs.append(b)
 
     # ------------------------------------------------------------ contract

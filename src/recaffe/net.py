@@ -19,16 +19,17 @@ import torch
 from google.protobuf import text_format
 
 from . import device as _device
-from .blob import Blob, proto_shape
+from .blob import Blob, BlobError, proto_shape
 from .insert_splits import insert_splits
 from .io import hdf5_weights
 from .io.netfiles import read_net_binary, read_net_text
 from .io.upgrade import upgrade_net
-from .io.protofiles import write_binary
+from .io.protofiles import check_path, write_binary
 from .layer import Layer, LayerError, create_layer
 from .log import get_logger
 from .net_state import filter_net
 from .proto import caffe_pb2
+from .errors import RecaffeError
 
 log = get_logger(__name__)
 
@@ -36,7 +37,7 @@ TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
 
 
-class WeightsError(ValueError):
+class WeightsError(RecaffeError, ValueError):
     """Weights that do not fit the net; the message names the layer and both shapes."""
 
 
@@ -128,6 +129,8 @@ class Net:
                 needed = max(layer.min_top_blobs, layer.exact_num_top_blobs)
                 for _ in range(len(lp.top), needed):
                     self._append_top(lp, layer_id, None, None, None)
+            in_place = [(i, b, b.shape) for i, b in enumerate(self.bottom_vecs[layer_id])
+                        if any(b is t for t in self.top_vecs[layer_id])]
             try:
                 layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
             except LayerError:
@@ -136,6 +139,11 @@ class Net:
                 if layer.runs_user_code:
                     raise
                 raise LayerError(f"{lp.type} layer {lp.name!r} failed to set up: {e}") from e
+            for i, blob, shape in in_place:
+                if blob.shape != shape:  # Pooling, Convolution, ... cannot overwrite their input
+                    raise LayerError(f"{lp.type} layer {lp.name!r} cannot compute in place: its top "
+                                     f"{lp.bottom[i]!r} would change shape from {_fmt_shape(shape)} to "
+                                     f"{_fmt_shape(blob.shape)}; give the top another name")
             log.info("Setting up %s", lp.name)
             for top_id, top in enumerate(self.top_vecs[layer_id]):
                 blob_id = self.top_id_vecs[layer_id][top_id]
@@ -490,11 +498,15 @@ class Net:
 
     # ------------------------------------------------------------ weights
     def copy_trained_layers_from(self, param: caffe_pb2.NetParameter, source: str = "<weights>") -> None:
+        if not len(param.layer):
+            raise WeightsError(f"{source}: holds no layers: not a .caffemodel, or an empty or truncated one")
+        copied = 0
         for src in param.layer:
             idx = self._layer_names_index.get(src.name)
             if idx is None:
                 log.info("Ignoring source layer %s", src.name)
                 continue
+            copied += 1
             log.info("Copying source layer %s Type:%s #blobs=%d", src.name, src.type, len(src.blobs))
             target = self.layers[idx].blobs
             if len(target) != len(src.blobs):
@@ -507,14 +519,28 @@ class Net:
                         f"Source param shape is {_fmt_shape(proto_shape(proto))}; target param shape is "
                         f"{_fmt_shape(target[j].shape)}. To learn this layer's parameters from scratch rather "
                         "than copying from a saved net, rename the layer.")
-                target[j].from_proto(proto, reshape=False)
+                try:
+                    target[j].from_proto(proto, reshape=False, where=f"{source}: layer {src.name!r} param {j}")
+                except BlobError as e:
+                    raise WeightsError(str(e)) from None
+        if not copied:
+            log.warning("None of the %d layers in %s matches a layer of net %s by name: no weights were "
+                        "copied", len(param.layer), source, self.name)
 
     def copy_from(self, filename: str | os.PathLike) -> None:
         """Load weights by layer name from a ``.caffemodel`` or Caffe's HDF5 weights
         (``.caffemodel.h5``, recognized by content as Caffe does) — pycaffe's ``net.copy_from``."""
-        filename = os.fspath(filename)
+        filename = check_path(filename)
         if hdf5_weights.is_hdf5(filename):
-            hdf5_weights.load_net(self, filename)
+            try:
+                hdf5_weights.load_net(self, filename)
+            except RecaffeError:
+                raise
+            except (KeyError, IndexError, ValueError, TypeError, OSError) as e:  # h5py on a wrong layout
+                raise WeightsError(f"{filename}: not Caffe HDF5 weights ({type(e).__name__}: {e})") from None
+        elif filename.endswith(".h5") and os.path.isfile(filename):
+            raise WeightsError(f"{filename}: named .h5 but not an HDF5 file (HDF5 weights are recognized by "
+                               "their content, as Caffe does)")
         else:
             self.copy_trained_layers_from(read_net_binary(filename), filename)
 

@@ -28,6 +28,7 @@ import traceback
 
 import torch
 
+from .errors import RecaffeError
 from .log import get_logger, set_log_level
 from .signals import ACTIONS, SignalHandler
 
@@ -37,7 +38,7 @@ _solver_rank = 0
 _solver_count = 1
 
 
-class DataParallelError(RuntimeError):
+class DataParallelError(RecaffeError, RuntimeError):
     pass
 
 

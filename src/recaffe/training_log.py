@@ -40,6 +40,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from .errors import RecaffeError
 from .io.protofiles import atomic_write
 
 # glog prefix: severity, [YYYY]MMDD, HH:MM:SS.micros, thread, file:line] message
@@ -53,7 +54,7 @@ _LEARNING_RATE = re.compile(r"lr = ([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 BASE_COLUMNS = ("NumIters", "Seconds", "LearningRate")
 
 
-class TrainingLogError(ValueError):
+class TrainingLogError(RecaffeError, ValueError):
     pass
 
 

@@ -272,7 +272,7 @@ def test_convolution_hw_fields_need_2d():
 
 def test_convolution_given_blobs_checked_and_reshape_checks():
     raises('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 } '
-           'blobs { shape { dim: 2 dim: 3 dim: 3 dim: 3 } }', [randn(1, 3, 5, 5)], "weight blobs")
+           'blobs { shape { dim: 1 } data: 0 }', [randn(1, 3, 5, 5)], "weight blobs")
     layer, bottom, top = run('type: "Convolution" convolution_param { num_output: 2 kernel_size: 3 }',
                              [randn(1, 3, 5, 5)])
     bottom[0].reshape(1, 4, 5, 5)

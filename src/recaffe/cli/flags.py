@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import RecaffeError
 
-class FlagError(ValueError):
+
+class FlagError(RecaffeError, ValueError):
     pass
 
 

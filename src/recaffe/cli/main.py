@@ -5,12 +5,13 @@ commands: train, test, time, device_query, and Caffe's tools under their own nam
 """
 from __future__ import annotations
 
+import os
 import sys
 import time as _time
 
 from .. import device as _device
+from ..errors import RecaffeError
 from ..io.netfiles import read_solver_text
-from ..layer import LayerError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from ..signals import SignalHandler
@@ -32,6 +33,9 @@ Caffe's tools (each prints its own usage with -help):
   upgrade_solver_proto_text, parse_log, plot_training_log, draw_net,
   export (a net to ONNX or a PyTorch module);
   the SSD fork's convert_annoset and get_image_size
+
+Errors in what you give (files, settings, flags) are printed as one line, exit status 1;
+RECAFFE_TRACEBACK=1 in the environment adds their Python traceback.
 
 Flags (Caffe's spellings: -flag=value, --flag=value, -flag value):
 """
@@ -59,8 +63,15 @@ def _flags() -> FlagSet:
     return f
 
 
+def _parse_gpu_ids(gpu: str) -> list[int]:
+    try:
+        return [int(x) for x in gpu.split(",") if x]
+    except ValueError:
+        raise FlagError(f"-gpu: expected device ids separated by ',' or 'all', got {gpu!r}") from None
+
+
 def _gpu_ids(gpu: str) -> list[int]:
-    ids = list(range(_torch_device_count())) if gpu == "all" else [int(x) for x in gpu.split(",") if x]
+    ids = list(range(_torch_device_count())) if gpu == "all" else _parse_gpu_ids(gpu)
     if not ids:
         raise _device.DeviceError("-gpu all: no CUDA device is available")
     return ids
@@ -229,7 +240,7 @@ def device_query(flags: dict) -> int:
     gpus = flags["gpu"]
     if not gpus:
         raise FlagError("Need a -gpu device id (or 'all') to query.")
-    ids = range(_torch_device_count()) if gpus == "all" else [int(x) for x in gpus.split(",") if x]
+    ids = range(_torch_device_count()) if gpus == "all" else _parse_gpu_ids(gpus)
     for i in ids:
         log.info("Querying GPUs %d", i)
         for line in _device.device_query(i):
@@ -271,6 +282,28 @@ def _tool(name: str):
     return getattr(module, f"main_{name}", None) or module.main
 
 
+# Errors the user can fix: printed as one line ("caffe <command>: error: ..."), exit status 1.
+# RecaffeError covers every recaffe error class (files, layers, weights, solvers, flags, databases,
+# devices); OSError covers files and folders that cannot be opened. Anything else is a bug in
+# recaffe and keeps its traceback. RECAFFE_TRACEBACK=1 prints the traceback of user errors too.
+USER_ERRORS = (RecaffeError, OSError)
+
+
+def _run(command: str, fn, *args) -> int:
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        if os.environ.get("RECAFFE_TRACEBACK", "") not in ("", "0"):
+            raise
+        text = str(e) or type(e).__name__
+        log.error("%s", text)
+        print(f"caffe {command}: error: {text}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"caffe {command}: error: out of memory", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help", "-help"):
@@ -279,22 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     tool = _tool(command)
     if tool is not None:
-        return tool(rest)
+        return _run(command, tool, rest)
     if command not in COMMANDS:
         print(f"caffe: unknown command {command!r}\n\n{USAGE}{_flags().usage()}", file=sys.stderr)
         return 1
-    try:
-        flags, positional = _flags().parse(rest)
-        if positional:
-            raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
-        if flags["deterministic"]:
-            log.info("Using deterministic algorithms only.")
-            _device.set_deterministic(True)
-        return COMMANDS[command](flags)
-    except (FlagError, LayerError, ValueError, OSError, _device.DeviceError) as e:
-        log.error("%s", e)
-        print(f"caffe {command}: error: {e}", file=sys.stderr)
-        return 1
+    return _run(command, _command, command, rest)
+
+
+def _command(command: str, rest: list[str]) -> int:
+    flags, positional = _flags().parse(rest)
+    if positional:
+        raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
+    if flags["deterministic"]:
+        log.info("Using deterministic algorithms only.")
+        _device.set_deterministic(True)
+    return COMMANDS[command](flags)
 
 
 if __name__ == "__main__":

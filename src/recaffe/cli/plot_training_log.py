@@ -17,6 +17,8 @@ import io
 import os
 import sys
 
+from ..errors import RecaffeError
+
 CHART_TYPES = [  # (rows, y label, x label), in Caffe's numbering
     ("Test", "accuracy", "Iters"), ("Test", "accuracy", "Seconds"),
     ("Test", "loss", "Iters"), ("Test", "loss", "Seconds"),
@@ -27,7 +29,7 @@ _X_COLUMNS = {"Iters": "NumIters", "Seconds": "Seconds"}
 _MARKERS = ["o", "s", "^", "v", "D", "x", "+", "*", "<", ">", "p", "h"]
 
 
-class PlotError(ValueError):
+class PlotError(RecaffeError, ValueError):
     pass
 
 

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, DBError, open_db
@@ -33,7 +34,7 @@ TEST_FILE = "test_batch.bin"
 COMMIT_EVERY = 1000
 
 
-class CifarFormatError(ValueError):
+class CifarFormatError(RecaffeError, ValueError):
     """A CIFAR batch file that is missing or malformed; the message names the file."""
 
 

@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Iterator
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 
@@ -32,7 +33,7 @@ READ, WRITE, NEW = "read", "write", "new"
 _MODES = (READ, WRITE, NEW)
 
 
-class DBError(RuntimeError):
+class DBError(RecaffeError, RuntimeError):
     """A database that cannot be opened, read or written; the message names backend and path."""
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
@@ -22,7 +23,7 @@ log = get_logger(__name__)
 COMMIT_EVERY = 1000
 
 
-class FeatureError(ValueError):
+class FeatureError(RecaffeError, ValueError):
     """Blob names or databases that do not fit the net; the message says which."""
 
 

@@ -14,7 +14,10 @@ the pixels channel by channel (C, H, W) in OpenCV's channel order, BGR. Here:
   centres are aligned (``src = (dst + 0.5) * scale - 0.5``), borders are replicated, weights
   are 11-bit fixed point and the vertical pass truncates as OpenCV's does (IPP or GPU builds
   of OpenCV may differ by one level);
-- EXIF orientation is not applied (the Data layer's decoder does not apply it either).
+- EXIF orientation is not applied (the Data layer's decoder does not apply it either);
+- images over Pillow's decompression-bomb limit (2 * ``PIL.Image.MAX_IMAGE_PIXELS``, about 179
+  million pixels by default; OpenCV's own limit is 2**30) are refused with an error naming them
+  before any pixel is decoded.
 """
 from __future__ import annotations
 
@@ -23,13 +26,15 @@ import os
 
 import numpy as np
 
+from ..errors import RecaffeError
+
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 _COEF_SCALE = 1 << _COEF_BITS
 # OpenCV's BGR2GRAY weights for 8-bit images: 14-bit fixed point, summing to 1 << 14.
 _GRAY_R, _GRAY_G, _GRAY_B = 4899, 9617, 1868
 
 
-class ImageReadError(ValueError):
+class ImageReadError(RecaffeError, ValueError):
     """A file that does not exist or cannot be decoded as an image; the message names it."""
 
 
@@ -63,7 +68,10 @@ def _decode(source, is_color: bool, name: str) -> np.ndarray:
                 img.draft("L", None)  # libjpeg's grey output: the Y channel, as OpenCV reads it
             img.load()
             return _to_opencv_channels(img, is_color)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{name}: refused to decode a possible decompression bomb ({e}); raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS to read bigger images") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageReadError(f"Could not open or find file {name}: cannot decode it as an image ({e})") \
             from None
 

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import READ, open_db
@@ -22,7 +23,7 @@ log = get_logger(__name__)
 LOG_EVERY = 10000
 
 
-class ImageMeanError(ValueError):
+class ImageMeanError(RecaffeError, ValueError):
     """A database whose mean cannot be computed; the message names the database (and record)."""
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
@@ -48,7 +49,7 @@ log = get_logger(__name__)
 COMMIT_EVERY = 1000
 
 
-class ImagesetError(ValueError):
+class ImagesetError(RecaffeError, ValueError):
     """A list file or image set that cannot be converted; the message names the file (and line)."""
 
 

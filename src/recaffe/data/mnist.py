@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
@@ -26,7 +27,7 @@ LABEL_MAGIC = 2049
 COMMIT_EVERY = 1000
 
 
-class MnistFormatError(ValueError):
+class MnistFormatError(RecaffeError, ValueError):
     """An IDX file that is not what it should be; the message names the file."""
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .. import rng as _rng
 from ..blob import Blob
+from ..errors import RecaffeError
 from ..io.protofiles import ProtoFileError, read_binary
 from ..log import get_logger
 from ..proto import caffe_pb2
@@ -31,7 +32,7 @@ from ..proto import caffe_pb2
 log = get_logger(__name__)
 
 
-class TransformError(ValueError):
+class TransformError(RecaffeError, ValueError):
     """Data that the transformation parameters cannot apply to (sizes, mean, decoding)."""
 
 
@@ -59,7 +60,10 @@ def decode_image(data: bytes, force_color: bool = False, force_gray: bool = Fals
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise TransformError(f"the encoded datum ({len(data)} bytes): refused to decode a possible "
+                             f"decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise TransformError(f"cannot decode the encoded datum ({len(data)} bytes) as an image: {e}") \
             from None
     if img.mode == "1":

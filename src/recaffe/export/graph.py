@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import RecaffeError
 from ..proto import caffe_pb2
 
 
-class ExportError(ValueError):
+class ExportError(RecaffeError, ValueError):
     """A net that cannot be exported; the message names the layer and its type."""
 
 

@@ -12,10 +12,11 @@ import os
 import numpy as np
 
 from ..blob import Blob
+from ..errors import RecaffeError
 from .protofiles import atomic_target
 
 
-class HDF5FormatError(ValueError):
+class HDF5FormatError(RecaffeError, ValueError):
     pass
 
 
@@ -121,15 +122,22 @@ def save_state(path: str, iteration: int, learned_net: str, current_step: int, h
 def load_state(path: str) -> tuple[int, str | None, int, list[np.ndarray]]:
     """(iter, learned_net or None, current_step, history arrays) from a ``.solverstate.h5``."""
     h5py = import_h5py()
-    with h5py.File(path, "r") as f:
-        try:
+    try:
+        with h5py.File(path, "r") as f:
             it = int(np.asarray(f["iter"][()]).reshape(-1)[0])
             step = int(np.asarray(f["current_step"][()]).reshape(-1)[0])
             learned = f["learned_net"][()] if "learned_net" in f else None
             hist = f["history"]
-            history = [hist[str(i)][()] for i in range(len(hist))]
-        except KeyError as e:
-            raise HDF5FormatError(f"{path}: not a Caffe HDF5 solver state ({e})") from None
-    if isinstance(learned, bytes):
-        learned = learned.decode()
+            history = [np.asarray(hist[str(i)][()]) for i in range(len(hist))]
+        if isinstance(learned, np.ndarray) and learned.size == 1:
+            learned = learned.reshape(-1)[0]
+        if isinstance(learned, bytes):
+            learned = learned.decode("utf-8")
+        if learned is not None and not isinstance(learned, str):
+            raise TypeError(f"learned_net is a {type(learned).__name__}, not a string")
+    except FileNotFoundError:
+        raise HDF5FormatError(f"{path}: file not found") from None
+    except (KeyError, IndexError, ValueError, TypeError, OSError, OverflowError, UnicodeDecodeError) as e:
+        # h5py reports a file that is not HDF5 as OSError, a wrong layout as KeyError/TypeError/...
+        raise HDF5FormatError(f"{path}: not a Caffe HDF5 solver state ({type(e).__name__}: {e})") from None
     return it, learned, step, history

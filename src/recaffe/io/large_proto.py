@@ -21,7 +21,8 @@ import os
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
-from .protofiles import ProtoFileError, read_binary
+from ..errors import RecaffeError
+from .protofiles import ProtoFileError, check_path, read_binary
 
 MAX_PARSE_BYTES = 1 << 28  # well below protobuf's 2 GiB limit; bounds the extra memory one parse takes
 
@@ -30,7 +31,7 @@ _ELEMENT_BYTES = {_FD.TYPE_FLOAT: 4, _FD.TYPE_FIXED32: 4, _FD.TYPE_SFIXED32: 4,
                   _FD.TYPE_DOUBLE: 8, _FD.TYPE_FIXED64: 8, _FD.TYPE_SFIXED64: 8}
 
 
-class WireFormatError(ValueError):
+class WireFormatError(RecaffeError, ValueError):
     """Bytes that are not a valid protobuf encoding (or need a parse protobuf cannot do)."""
 
 
@@ -38,13 +39,15 @@ def read_binary_any_size(path: str | os.PathLike, msg, what: str | None = None,
                          max_parse: int | None = None):
     """``protofiles.read_binary`` for files of any size: larger than ``max_parse`` bytes (default
     ``MAX_PARSE_BYTES``), the file is mapped and merged piece by piece (see the module docstring)."""
-    path = os.fspath(path)
+    path = check_path(path)
     max_parse = max_parse or MAX_PARSE_BYTES
     what = what or type(msg).__name__
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
         raise ProtoFileError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ProtoFileError(f"{path}: cannot be read ({e.strerror or e})") from None
     if size <= max_parse:
         return read_binary(path, msg, what)
     problem = None

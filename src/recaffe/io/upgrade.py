@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from google.protobuf import descriptor as _descriptor
 
+from ..errors import RecaffeError
 from ..log import get_logger
 from ..proto import caffe_pb2
 
@@ -121,7 +122,7 @@ _DATA_LAYER_PARAMS = {V1.DATA: "data_param", V1.IMAGE_DATA: "image_data_param",
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 
 
-class UpgradeError(ValueError):
+class UpgradeError(RecaffeError, ValueError):
     """An old-format net or solver that cannot be upgraded; the message names the file (and layer)."""
 
 

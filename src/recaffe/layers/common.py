@@ -39,8 +39,12 @@ class InnerProductLayer(Layer):
         w = self.blobs[0].data_t
         return w if self.transpose else w.t()  # (K, N)
 
+    def _rows(self, blob) -> torch.Tensor:
+        # explicit M (not -1): with K = 0 the row count would be ambiguous
+        return blob.data_t.reshape(blob.count(0, self.axis), self.k)
+
     def forward(self, bottom, top):
-        x = bottom[0].data_t.reshape(-1, self.k)
+        x = self._rows(bottom[0])
         if self.bias_term:
             y = torch.addmm(self.blobs[1].data_t, x, self._weight())
         else:
@@ -48,9 +52,9 @@ class InnerProductLayer(Layer):
         top[0].data_t = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
-        dy = top[0].diff_t.reshape(-1, self.num_output)
+        dy = top[0].diff_t.reshape(top[0].count(0, self.axis), self.num_output)
         if self.param_propagate_down[0]:
-            x = bottom[0].data_t.reshape(-1, self.k)
+            x = self._rows(bottom[0])
             wd = self.blobs[0].diff_t
             if self.transpose:
                 wd.addmm_(x.t(), dy)  # (K, N) += x^T dy

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import rng
+from ..errors import RecaffeError
 from ..io.hdf5_weights import import_h5py, write_hdf5_atomically
 from ..layer import Layer, register
 from ..log import get_logger
@@ -17,7 +18,7 @@ from ..proto import caffe_pb2
 log = get_logger(__name__)
 
 
-class HDF5DataError(ValueError):
+class HDF5DataError(RecaffeError, ValueError):
     """An HDF5 list file, file or dataset that cannot be used; the message names it."""
 
 

@@ -24,11 +24,12 @@ from ..layer import register
 from .data import PrefetchingDataLayer
 from ..log import get_logger
 from ..proto import caffe_pb2
+from ..errors import RecaffeError
 
 log = get_logger(__name__)
 
 
-class DataFileError(ValueError):
+class DataFileError(RecaffeError, ValueError):
     """A list/window file or an image it names that cannot be used; the message names the file."""
 
 

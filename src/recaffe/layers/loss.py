@@ -431,7 +431,7 @@ class InfogainLossLayer(LossLayer):
             except ProtoFileError as e:
                 raise self.error(f"cannot read the infogain matrix: {e}") from None
             h = Blob((), self.dtype, self.device)
-            h.from_proto(proto)
+            h.from_proto(proto, where=f"infogain matrix {p.source}")
             self.infogain = h
 
     def _matrix(self, bottom) -> Blob:

@@ -1,6 +1,8 @@
 """Normalization layers: BatchNorm, Scale, Bias, MVN, and SSD's Normalize."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..fillers import fill
@@ -53,7 +55,8 @@ class BatchNormLayer(Layer):
 
     def _stats_view(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0] if x.dim() else 1
-        return x.reshape(n, self.channels, -1)  # (N, C, spatial)
+        spatial = math.prod(x.shape[2:]) if x.dim() >= 2 else -1  # explicit: -1 is ambiguous for 0 values
+        return x.reshape(n, self.channels, spatial)  # (N, C, spatial)
 
     def forward(self, bottom, top):
         x = self._stats_view(bottom[0].data_t)
@@ -349,9 +352,10 @@ class MVNLayer(Layer):
                              f"got shape {b.shape}")
         top[0].reshape(b.num, b.channels, b.height, b.width)
         self.rows = b.num if self.across_channels else b.num * b.channels
+        self.cols = (b.channels if self.across_channels else 1) * b.height * b.width
 
     def forward(self, bottom, top):
-        x = bottom[0].data_t.reshape(self.rows, -1)
+        x = bottom[0].data_t.reshape(self.rows, self.cols)
         y = x - x.mean(dim=1, keepdim=True)
         if self.normalize_variance:
             std = torch.sqrt((y * y).mean(dim=1, keepdim=True)) + self.eps
@@ -363,7 +367,7 @@ class MVNLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy = top[0].diff_t.reshape(self.rows, -1)
+        dy = top[0].diff_t.reshape(self.rows, self.cols)
         dx = dy - dy.mean(dim=1, keepdim=True)
         if self.normalize_variance:
             # Caffe's formula (exact for eps = 0): (dy - mean(dy) - mean(dy * y) * y) / (std + eps)

@@ -255,7 +255,7 @@ class _RecurrentLayer(Layer):
     def _input_transform(self, bottom) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_x x + b for every step (T, N, G), and W_x_static x_static (N, G) or None."""
         G = self.gates * self.H
-        x = bottom[0].data_t.reshape(-1, self.D)
+        x = bottom[0].data_t.reshape(self.T * self.N, self.D)  # explicit rows: D may be 0
         wx = torch.addmm(self.blobs[1].data_t, x, self.blobs[0].data_t.t()).reshape(self.T, self.N, G)
         ws = None
         if self.static_input:
@@ -268,7 +268,7 @@ class _RecurrentLayer(Layer):
         ppd = self.param_propagate_down
         d2 = dpre.reshape(-1, G)
         if ppd[0]:
-            self.blobs[0].diff_t.addmm_(d2.t(), bottom[0].data_t.reshape(-1, self.D))
+            self.blobs[0].diff_t.addmm_(d2.t(), bottom[0].data_t.reshape(self.T * self.N, self.D))
         if ppd[1]:
             self.blobs[1].diff_t.add_(d2.sum(0))
         if self.static_input and (ppd[2] or propagate_down[2]):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import blob as _blob
 from .. import rng
 from ..blob import Blob
 from ..layer import Layer, LayerError, canonical_axis, register
@@ -143,7 +144,10 @@ class _BaseConvolution(Layer):
         self.channels = bottom[0].shape[self.axis]
         self.num_output = p.num_output
         if self.num_output <= 0:
-            raise self.error("num_output must be positive")
+            raise self.error(f"num_output must be positive, got {self.num_output}")
+        if self.channels <= 0:
+            raise self.error(f"the input {self.layer_param.bottom[0]!r} has {self.channels} channels "
+                             f"(shape {bottom[0].shape}): nothing to convolve")
         self.group = self._group(p)
         if self.group <= 0:
             raise self.error("group must be positive")
@@ -528,6 +532,14 @@ class PoolingLayer(Layer):
             if self.global_pooling:
                 self.kernel = hw
             self._geom = _PoolGeometry(self, *hw)
+        g = self._geom
+        padded = shape[0] * shape[1] * g.padded[0] * g.padded[1]
+        if not g.fast and padded > _blob.MAX_BLOB_COUNT:
+            # windows far past the bottom (a stride much larger than the input): recaffe pads the
+            # bottom to Caffe's windows, which would take more than a blob may hold
+            raise self.error(f"kernel {list(self.kernel)}, stride {list(self.stride)} and pad {list(self.pad)} "
+                             f"on a {hw[0]}x{hw[1]} input reach {g.padded[0]}x{g.padded[1]}: {padded} "
+                             "values, over INT_MAX")
         top_shape = shape[:2] + self._geom.out
         for t in top:
             t.reshape(top_shape)
@@ -679,6 +691,8 @@ class LRNLayer(Layer):
     def layer_setup(self, bottom, top):
         p = self.layer_param.lrn_param
         self.size = p.local_size
+        if self.size > _blob.MAX_BLOB_COUNT:  # Caffe's int size_ reads it as negative: not odd
+            raise self.error(f"local_size {self.size} is too large (at most {_blob.MAX_BLOB_COUNT})")
         if self.size % 2 != 1:
             raise self.error(f"LRN only supports odd values for local_size (got {self.size})")
         self.pre_pad = (self.size - 1) // 2
@@ -691,6 +705,11 @@ class LRNLayer(Layer):
         if bottom[0].num_axes != 4:
             raise self.error(f"input must have 4 axes, corresponding to (num, channels, height, "
                              f"width); got shape {bottom[0].shape}")
+        n, c, h, w = bottom[0].shape
+        if self.region == _Norm.ACROSS_CHANNELS and n * (c + self.size - 1) * h * w > _blob.MAX_BLOB_COUNT:
+            # Caffe's padded_square blob (N, C + local_size - 1, H, W) fails its INT_MAX check
+            raise self.error(f"local_size {self.size} over {c} channels: the padded squares would hold "
+                             f"{n * (c + self.size - 1) * h * w} values, over INT_MAX")
         top[0].reshape_like(bottom[0])
 
     def _window_mean(self, v):

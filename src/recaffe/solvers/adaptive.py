@@ -84,7 +84,18 @@ class AdaDeltaSolver(_TwoHistorySolver):
 @register_solver("Adam")
 class AdamSolver(_TwoHistorySolver):
     """Adam as Caffe computes it: ``delta`` is added to the *uncorrected* sqrt(v) and the bias
-    correction sqrt(1-b2^t)/(1-b1^t) is folded into the rate (t = iter + 1)."""
+    correction sqrt(1-b2^t)/(1-b1^t) is folded into the rate (t = iter + 1).
+
+    Caffe checks nothing; here momentum (beta1) and momentum2 (beta2) must lie in [0, 1) (with
+    beta1 = 1 the correction divides by zero, with beta2 > 1 it is the root of a negative number)."""
+
+    def pre_solve(self) -> None:
+        super().pre_solve()
+        for name in ("momentum", "momentum2"):
+            value = getattr(self.param, name)
+            if not 0 <= value < 1:
+                raise SolverError(f"{self.source or '<solver>'}: Adam needs 0 <= {name} < 1, got {name}: "
+                                  f"{value:g}")
 
     def compute_update_value(self, i: int, blob: Blob, local_rate: float) -> None:
         b1, b2, eps = self.param.momentum, self.param.momentum2, self.param.delta

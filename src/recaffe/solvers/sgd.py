@@ -126,6 +126,8 @@ class SGDSolver(Solver):
             it, model, step, history = state.iter, state.learned_net or None, state.current_step, state.history
         self.iter = it
         self._iterations_last = it  # (Caffe leaves it as it was; counting from here gives a true rate)
+        if isinstance(model, bytes):  # not UTF-8: protobuf hands the bytes over; a path as Caffe reads it
+            model = os.fsdecode(model)
         if model:
             if not os.path.exists(model):  # snapshots moved together: look beside the state file
                 alt = os.path.join(os.path.dirname(state_file), os.path.basename(model))
@@ -144,7 +146,7 @@ class SGDSolver(Solver):
                 raise SolverError(f"{state_file}: history blob {i} has shape {shape}, this net's "
                                   f"param {i} has shape {h.shape}: the state belongs to another net")
             if isinstance(saved, caffe_pb2.BlobProto):
-                h.from_proto(saved, reshape=False)
+                h.from_proto(saved, reshape=False, where=f"{state_file}: history blob {i}")
             else:
                 h.data[...] = saved
 

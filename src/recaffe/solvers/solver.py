@@ -11,20 +11,21 @@ from google.protobuf import text_format
 
 from .. import device as _device
 from .. import rng
+from ..errors import RecaffeError
 from ..io.netfiles import read_net_text
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
-from .lr_policies import learning_rate
+from .lr_policies import LearningRateError, check_policy, learning_rate
 
 log = get_logger(__name__)
 
 solver_registry: dict[str, type["Solver"]] = {}
 
 
-class SolverError(ValueError):
+class SolverError(RecaffeError, ValueError):
     pass
 
 
@@ -48,7 +49,11 @@ class Solver:
             param = upgrade_solver(_copy(param), source or "<solver>")
         self.param = param
         self.source = source
-        self._upgrade_snapshot_prefix()
+        try:
+            self._upgrade_snapshot_prefix()
+        except UnicodeEncodeError:  # protobuf strings are UTF-8; a file name need not be
+            raise SolverError(f"{source!r}: the solver file's name is not UTF-8, so snapshot_prefix cannot be "
+                              "derived from it: set snapshot_prefix in the solver file") from None
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
         if param.average_loss < 1:
             raise SolverError("average_loss should be non-negative (>= 1)")
@@ -59,6 +64,10 @@ class Solver:
                               "fork's 'detection'")
         if param.eval_type == "detection" and param.ap_version not in ("11point", "MaxIntegral", "Integral"):
             raise SolverError(f"ap_version {param.ap_version!r}: one of 11point, MaxIntegral, Integral")
+        try:
+            check_policy(param)
+        except LearningRateError as e:
+            raise SolverError(f"{source or '<solver>'}: {e}") from None
         if param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
                 and _device.mode() == "cpu":
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
