@@ -371,23 +371,33 @@ class LevelDB(DB):
 
 
 class _LevelDBCursor(Cursor):
+    """LevelDB reports corruption as exceptions (plyvel.Error): raised as DBError naming the database."""
+
     def __init__(self, db, owner: DB):
         self._owner = owner  # keeps the database open while the cursor lives
         self._snapshot = db.snapshot()
         self._it = self._snapshot.raw_iterator()
         self.seek_to_first()
 
+    def _call(self, method):
+        import plyvel
+
+        try:
+            return method()
+        except plyvel.Error as e:
+            raise DBError(f"cannot read LevelDB {self._owner.source!r}: {e}") from None
+
     def seek_to_first(self):
-        self._it.seek_to_first()
+        self._call(self._it.seek_to_first)
 
     def next(self):
-        self._it.next()
+        self._call(self._it.next)
 
     def key(self):
         return self._it.key()
 
     def value(self):
-        return self._it.value()
+        return self._call(self._it.value)
 
     def valid(self):
         return self._it.valid()

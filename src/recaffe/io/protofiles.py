@@ -2,13 +2,16 @@
 
 Text files (``.prototxt``) report problems as ``file:line:column: message``; binary files
 (``.caffemodel``, ``.solverstate``, ``.binaryproto``) report truncation or a wrong file type.
-Writes are atomic: a temporary file in the same folder, then a rename, so a kill never leaves a
-corrupt snapshot behind.
+Only regular files are read (``open_regular``): a FIFO would block forever and ``/dev/zero`` would
+be read until memory runs out. Writes are atomic and durable (``atomic_target``): a temporary file
+in the same folder, fsynced, renamed into place, then the folder fsynced, so a kill or a power
+loss leaves the old file or the new one, never a partial one.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from typing import TypeVar
 
@@ -22,12 +25,69 @@ class ProtoFileError(ValueError):
     """A file that cannot be read as the expected Caffe message; the text names the file."""
 
 
+class NotRegularFileError(ProtoFileError, OSError):
+    """A path to read that is not a regular file (a folder, FIFO, device, socket)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+PROTO_READ_LIMIT = (1 << 31) - 1  # Caffe's kProtoReadBytesLimit (INT_MAX) for proto files read whole
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str, mode: int, what: str | None) -> NotRegularFileError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return NotRegularFileError(f"{path}: is {kind}, not a regular file" + (f" (the {what})" if what else ""))
+
+
+def check_regular_file(path: str | os.PathLike, what: str | None = None) -> None:
+    """Raise NotRegularFileError unless ``path`` is a regular file (for readers that open by name,
+    such as h5py); a missing path raises FileNotFoundError."""
+    path = os.fspath(path)
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode, what)
+
+
+def open_regular(path: str | os.PathLike, what: str | None = None, mode: str = "rb", **kwargs):
+    """``open(path, mode)`` for reading, refusing anything but a regular file. The check is made
+    on the opened descriptor (opened non-blocking, so a FIFO without a writer does not block)."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            raise _not_regular(path, st_mode, what)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, what: str | None = None, limit: int = PROTO_READ_LIMIT) -> bytes:
+    """The bytes of regular file ``path``, refusing files over ``limit`` bytes."""
+    path = os.fspath(path)
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ProtoFileError(f"{path}: {size} bytes, more than the {limit} bytes this reader takes"
+                                 + (f" (the {what})" if what else ""))
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while read
+        raise ProtoFileError(f"{path}: more than the {limit} bytes this reader takes")
+    return data
+
+
 def read_text(path: str | os.PathLike, msg: M) -> M:
     """Parse a text-format proto file into ``msg`` (merged), errors as ``file:line:col: ...``."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_regular(path).decode("utf-8")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads
     except FileNotFoundError:
         raise ProtoFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
@@ -54,8 +114,7 @@ def read_binary(path: str | os.PathLike, msg: M, what: str | None = None) -> M:
     path = os.fspath(path)
     what = what or type(msg).__name__
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, what)
     except FileNotFoundError:
         raise ProtoFileError(f"{path}: file not found") from None
     try:
