@@ -89,7 +89,9 @@ def write_hdf5_atomically(path: str, write) -> None:
     """Create the HDF5 file `path` through write(h5py.File) on a temp file renamed into place."""
     h5py = import_h5py()
     with atomic_target(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        # HDF5's own file lock would collide with atomic_target's flock on the temporary, which is
+        # ours alone anyway.
+        with h5py.File(tmp, "w", locking=False) as f:
             write(f)
 
 

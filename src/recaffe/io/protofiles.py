@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from typing import TypeVar
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, so stale temporaries are left alone
+    fcntl = None
 
 from google.protobuf import message as _message
 from google.protobuf import text_format
@@ -133,27 +139,86 @@ def write_binary(path: str | os.PathLike, msg: _message.Message) -> None:
     atomic_write(path, msg.SerializeToString())
 
 
+# A temporary is "<target name>.<8 random characters>.tmp" (tempfile.mkstemp), held under an
+# exclusive flock while its writer lives: remove_stale_temporaries removes only unlocked ones.
+TEMP_SUFFIX = ".tmp"
+TEMP_RANDOM = r"\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def locked_temporary(target: str) -> tuple[int, str]:
+    """(fd, path) of a new empty temporary next to ``target``, flocked by the returned fd."""
+    folder = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=TEMP_SUFFIX, dir=folder)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; when the block succeeds the file written there is
-    renamed onto ``path`` (readable as a plainly created file would be), else it is removed.
-    A kill at any moment leaves either the old file or the new one, never a partial file."""
+    fsynced and renamed onto ``path`` (readable as a plainly created file would be) and the folder
+    fsynced, else it is removed. A kill at any moment leaves either the old file or the new one,
+    never a partial file; once this returns, the new file survives a power loss."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    fd, tmp = locked_temporary(path)
     try:
         yield tmp
+        _fsync_path(tmp)  # by path: the writer may have opened the file anew
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; snapshots are shared like Caffe's
         os.replace(tmp, path)
+        _fsync_path(folder)  # the rename itself
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str, target_pattern: str) -> list[str]:
+    """Remove the temporaries left in ``folder`` by killed writers of files whose names match
+    ``target_pattern`` (a regular expression); temporaries still being written are locked and
+    kept. Returns the names removed."""
+    pattern = re.compile(target_pattern + TEMP_RANDOM)
+    removed = []
+    if fcntl is None:
+        return removed
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return removed
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            pass  # locked: its writer is alive
+        finally:
+            os.close(fd)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -161,5 +226,3 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     with atomic_target(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())

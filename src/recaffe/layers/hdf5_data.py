@@ -195,10 +195,11 @@ class HDF5OutputLayer(Layer):
     """Writes its two bottoms to ``hdf5_output_param.file_name`` as the float datasets ``data``
     and ``label``, each in Caffe's legacy 4-D shape (num, channels, height, width).
 
-    As in Caffe, the file is created (emptied) at setup and the datasets are written by the first
-    forward; Caffe's second forward fails because the datasets exist (BVLC/caffe#1726), and so
-    does recaffe's, with an error instead of overwriting the rows already saved. The file is
-    written atomically (a temporary file renamed into place).
+    The datasets are written by the first forward; Caffe's second forward fails because the
+    datasets exist (BVLC/caffe#1726), and so does recaffe's, with an error instead of overwriting
+    the rows already saved. Caffe truncates the file when the net is built, whatever it is; recaffe
+    only checks at setup that it can be written, and writes it at the first forward (atomically: a
+    temporary file renamed into place), refusing to replace an existing file that is not HDF5.
     """
 
     exact_num_bottom_blobs = 2
@@ -209,10 +210,18 @@ class HDF5OutputLayer(Layer):
         if not self._file_name:
             raise self.error("hdf5_output_param.file_name is required")
         self._written = False
-        try:
-            write_hdf5_atomically(self._file_name, lambda f: None)
-        except OSError as e:
-            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: {e}") from None
+        self._check_target()
+        folder = os.path.dirname(os.path.abspath(self._file_name))
+        if not os.path.isdir(folder):
+            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: the folder {folder!r} does not exist")
+
+    def _check_target(self) -> None:
+        """An existing file_name may only be replaced if it is an HDF5 file (a previous output)."""
+        name = self._file_name
+        if os.path.lexists(name) and not (os.path.isfile(name) and is_hdf5(name)):
+            what = "a directory" if os.path.isdir(name) else "not an HDF5 file"
+            raise self.error(f"hdf5_output_param.file_name {name!r} exists and is {what}; refusing to "
+                             f"overwrite it (remove it or choose another file_name)")
 
     def reshape(self, bottom, top):
         pass
@@ -232,6 +241,7 @@ class HDF5OutputLayer(Layer):
             raise self.error(f"data blob and label blob must have the same batch size "
                              f"({bottom[0].num} vs {bottom[1].num})")
         data, label = self._legacy_4d(bottom[0], "data"), self._legacy_4d(bottom[1], "label")
+        self._check_target()
         log.info("Saving HDF5 file %s", self._file_name)
 
         def write(f):

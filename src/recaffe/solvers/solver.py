@@ -4,6 +4,7 @@ display with loss smoothing, snapshots and restore. Update rules live in the sub
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Callable
 
@@ -12,9 +13,11 @@ from google.protobuf import text_format
 from .. import device as _device
 from .. import rng
 from ..io.netfiles import read_net_text
+from ..io.protofiles import locked_temporary, remove_stale_temporaries
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
+from ..signals import deferred_interrupts
 from ..proto import caffe_pb2
 from .lr_policies import learning_rate
 
@@ -70,6 +73,9 @@ class Solver:
         self.smoothed_loss = 0.0
         self.losses: list[float] = []
         self.pre_solve()
+        if param.snapshot:
+            self.check_snapshot_prefix("snapshot")
+        self.remove_stale_snapshot_temporaries()
 
     # ------------------------------------------------------------------ nets
     def _upgrade_snapshot_prefix(self) -> None:
@@ -202,8 +208,9 @@ class Solver:
             for _, on_grad in self.callbacks:
                 if on_grad:
                     on_grad()
-            self.apply_update()
-            self.iter += 1
+            with deferred_interrupts():  # Ctrl-C lands after the whole update, not inside it
+                self.apply_update()
+                self.iter += 1
             request = self.action_request() if self.action_request else "none"
             if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
                 self.snapshot()
@@ -216,6 +223,8 @@ class Solver:
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", p.lr_policy)
         self.requested_early_exit = False
+        if p.snapshot_after_train:  # found now, not after the training
+            self.check_snapshot_prefix("snapshot_after_train")
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
@@ -308,9 +317,32 @@ class Solver:
     def snapshot_filename(self, extension: str) -> str:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
+    def check_snapshot_prefix(self, setting: str) -> None:
+        """Caffe's CheckSnapshotWritePermissions: write and remove a probe file where the snapshots
+        will go, so a missing or read-only folder is found before training, not after it."""
+        probe = self.snapshot_filename(".probe")
+        try:
+            fd, tmp = locked_temporary(probe)
+        except OSError as e:
+            prefix = self.param.snapshot_prefix
+            folder = os.path.dirname(os.path.abspath(probe))
+            raise SolverError(f"Cannot write to snapshot prefix {prefix!r} (needed by {setting}): "
+                              f"{e.strerror or e} in {folder!r}. Make sure that the directory exists "
+                              f"and is writable.") from None
+        os.close(fd)
+        os.unlink(tmp)
+
+    def remove_stale_snapshot_temporaries(self) -> None:
+        """Temporaries of snapshot writes that were killed (see io/protofiles.atomic_target)."""
+        prefix = self.param.snapshot_prefix
+        pattern = re.escape(os.path.basename(prefix)) + r"_iter_\d+\.(caffemodel|solverstate|probe)(\.h5)?"
+        for name in remove_stale_temporaries(os.path.dirname(prefix), pattern):
+            log.info("Removed %s, left by an interrupted snapshot", os.path.join(os.path.dirname(prefix), name))
+
     def snapshot(self) -> str:
         """Write the weights and the solver state (both atomically); returns the state's filename."""
         p = self.param
+        self.remove_stale_snapshot_temporaries()
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             model_filename = self.snapshot_filename(".caffemodel.h5")
             log.info("Snapshotting to HDF5 file %s", model_filename)
