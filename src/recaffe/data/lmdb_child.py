@@ -143,18 +143,18 @@ class ChildReader:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        try:
-            proc.stdin.write(b"Q")
-            proc.stdin.close()
-        except OSError:
-            pass
+        # Closing both pipes ends the child wherever it is: waiting for a command (end of input)
+        # or writing a chunk read ahead (broken pipe).
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        for f in (proc.stdout, proc.stderr):
-            f.close()
 
     def __del__(self) -> None:
         try:
