@@ -241,6 +241,11 @@ def test_hdf5_data_refuses_declared_but_unstored_and_external_data(tmp_path):
     with pytest.raises(LayerError, match="'h'.*dataset 'data'.*external files"):
         hdf5_data_layer(tmp_path, lambda f: f.create_dataset("data", shape=(2, 4), dtype="f4",
                                                              external=[(str(secret), 0, 32)]))
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["data"] = np.ones((2, 4), "f4")
+    with pytest.raises(LayerError, match="'h'.*dataset 'data' is a ExternalLink"):
+        hdf5_data_layer(tmp_path, lambda f: f.__setitem__("data", h5py.ExternalLink(str(other), "/data")))
     # Compressed data stores fewer bytes than it holds, within what deflate can do: accepted.
     layer, _, top = hdf5_data_layer(tmp_path, lambda f: f.create_dataset(
         "data", data=np.zeros((64, 100), "f4"), compression="gzip", chunks=(64, 100)))

@@ -69,11 +69,14 @@ def load_hdf5_file(filename: str, dataset_names, np_dtype, row_shapes=None) -> l
     with f:
         datasets = []
         for i, name in enumerate(dataset_names):
+            where = f"{filename}: dataset {name!r}"
+            link = f.get(name, getlink=True)
+            if link is not None and not isinstance(link, h5py.HardLink):
+                raise HDF5DataError(f"{where} is a {type(link).__name__}; only plain datasets are read")
             ds = f.get(name)
             if not isinstance(ds, h5py.Dataset):
                 raise HDF5DataError(f"{filename}: Failed to find HDF5 dataset {name!r} "
                                     f"(the file has: {', '.join(sorted(f.keys())) or 'nothing'})")
-            where = f"{filename}: dataset {name!r}"
             try:
                 check_dataset(ds, where)
             except HDF5FormatError as e:
