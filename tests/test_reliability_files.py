@@ -181,8 +181,8 @@ def weights_file(path, make):
 def test_hdf5_weights_with_external_storage_are_refused(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(np.arange(6, dtype="f4").tobytes())
-    path = weights_file(tmp_path / "w.caffemodel.h5",
-                        lambda g: g.create_dataset("0", shape=(2, 3), dtype="f4", external=[(str(secret), 0, 24)]))
+    path = weights_file(tmp_path / "w.caffemodel.h5", lambda g: g.create_dataset(
+        "0", shape=(2, 3), dtype="f4", external=[(str(secret), 0, 24)]))
     net = tiny_net()
     before = net.params["ip"][0].data.copy()
     with pytest.raises(WeightsError, match="data/ip/0.*external files.*secret.*refused"):
@@ -210,9 +210,11 @@ def test_hdf5_virtual_datasets_and_external_links_are_refused(tmp_path):
 
 def test_hdf5_shapes_are_checked_before_reading(tmp_path):
     """A few KB of file declaring a 40 GB dataset: refused by its shape, never read."""
-    path = weights_file(tmp_path / "big.h5", lambda g: g.create_dataset("0", shape=(100000, 100000), dtype="f4"))
+    path = weights_file(tmp_path / "big.h5",
+                        lambda g: g.create_dataset("0", shape=(100000, 100000), dtype="f4"))
     assert os.path.getsize(path) < 10000
-    with pytest.raises(WeightsError, match=r"Source param shape is \(100000, 100000\); target param shape is \(2, 3\)"):
+    with pytest.raises(WeightsError,
+                       match=r"Source param shape is \(100000, 100000\); target param shape is \(2, 3\)"):
         tiny_net().copy_from(path)
     s = solver('snapshot_format: HDF5 snapshot_prefix: "%s"' % (tmp_path / "s"))
     state = s.snapshot()
@@ -234,7 +236,8 @@ def hdf5_data_layer(tmp_path, make):
 
 
 def test_hdf5_data_refuses_declared_but_unstored_and_external_data(tmp_path):
-    with pytest.raises(LayerError, match=r"'h'.*dataset 'data': declares shape \(1000000, 1000\) .* stores 0 bytes"):
+    with pytest.raises(LayerError,
+                       match=r"'h'.*dataset 'data': declares shape \(1000000, 1000\) .* stores 0 bytes"):
         hdf5_data_layer(tmp_path, lambda f: f.create_dataset("data", shape=(1000000, 1000), dtype="f4"))
     secret = tmp_path / "secret"
     secret.write_bytes(bytes(32))
@@ -254,7 +257,8 @@ def test_hdf5_data_refuses_declared_but_unstored_and_external_data(tmp_path):
 
 # --------------------------------------------------------------- 6. snapshot prefix
 def test_snapshot_prefix_is_checked_at_solver_init(tmp_path):
-    with pytest.raises(SolverError, match=f"snapshot prefix '{tmp_path}/missing/snap' \\(needed by snapshot\\)"):
+    with pytest.raises(SolverError,
+                       match=f"snapshot prefix '{tmp_path}/missing/snap' \\(needed by snapshot\\)"):
         solver(f'snapshot: 10 snapshot_prefix: "{tmp_path}/missing/snap"')
     (tmp_path / "file").write_text("")
     with pytest.raises(SolverError, match="needed by snapshot.*Not a directory"):
@@ -278,8 +282,8 @@ def test_stale_snapshot_temporaries_are_removed_and_live_ones_kept(tmp_path):
 
     stale = ["snap_iter_5.caffemodel.a1b2c3d4.tmp", "snap_iter_5.solverstate.h5.x_Y9z0k1.tmp",
              "snap_iter_0.probe.abcdefgh.tmp"]
-    others = ["snap_iter_5.caffemodel", "snap_iter_5.caffemodel.short.tmp", "other_iter_5.caffemodel.a1b2c3d4.tmp",
-              "notes.tmp", "snapx_iter_5.caffemodel.a1b2c3d4.tmp"]
+    others = ["snap_iter_5.caffemodel", "snap_iter_5.caffemodel.short.tmp", "notes.tmp",
+              "other_iter_5.caffemodel.a1b2c3d4.tmp", "snapx_iter_5.caffemodel.a1b2c3d4.tmp"]
     live = "snap_iter_6.caffemodel.livelive.tmp"
     for name in stale + others + [live]:
         (tmp_path / name).write_bytes(b"partial")
@@ -301,7 +305,8 @@ def test_snapshot_files_and_folder_are_fsynced(tmp_path, monkeypatch, fmt):
     def fsync(fd):
         st = os.fstat(fd)
         names = {e.name for e in os.scandir(tmp_path)}
-        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", sorted(n for n in names if "iter" in n)))
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        synced.append((kind, sorted(n for n in names if "iter" in n)))
         real(fd)
     monkeypatch.setattr(os, "fsync", fsync)
     s.step(1)
@@ -362,8 +367,8 @@ def test_without_deferral_the_same_interrupt_tears_the_update(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         s.step(3)
     assert s.iter == 0
-    assert np.any(s.history[0].data != 0)  # history updated ...
-    np.testing.assert_array_equal(s.net.learnable_params[0].data, fresh.net.learnable_params[0].data)  # weights not
+    assert np.any(s.history[0].data != 0)  # history updated, weights not:
+    np.testing.assert_array_equal(s.net.learnable_params[0].data, fresh.net.learnable_params[0].data)
 
 
 # ---------------------------------------------------------------- 9. non-regular files
@@ -393,8 +398,8 @@ def test_fifo_means_and_lists_are_refused(tmp_path, fifo):
         make_layer(f'name: "img" type: "ImageData" image_data_param {{ source: "{fifo}" batch_size: 1 }}',
                    [], num_tops=2)
     with pytest.raises(LayerError, match=f"'h'.*{fifo}: is a FIFO"):
-        make_layer(f'name: "h" type: "HDF5Data" top: "data" hdf5_data_param {{ source: "{fifo}" batch_size: 1 }}',
-                   [], num_tops=1)
+        make_layer(f'name: "h" type: "HDF5Data" top: "data" '
+                   f'hdf5_data_param {{ source: "{fifo}" batch_size: 1 }}', [], num_tops=1)
     src = write_lmdb(tmp_path / "db", n=2, size=4)
     with pytest.raises(LayerError, match=f"'mnist'.*{fifo}: is a FIFO"):
         make_layer(f'name: "mnist" type: "Data" transform_param {{ mean_file: "{fifo}" }} '
@@ -404,7 +409,8 @@ def test_fifo_means_and_lists_are_refused(tmp_path, fifo):
 # ----------------------------------------------------------------------- 10. HDF5Output
 def hdf5_output(path):
     return make_layer(f'name: "out" type: "HDF5Output" bottom: "a" bottom: "b" '
-                      f'hdf5_output_param {{ file_name: "{path}" }}', [np.ones((2, 3)), np.zeros(2)], num_tops=0)
+                      f'hdf5_output_param {{ file_name: "{path}" }}', [np.ones((2, 3)), np.zeros(2)],
+                      num_tops=0)
 
 
 def test_hdf5_output_never_replaces_a_file_that_is_not_hdf5(tmp_path):

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io.protofiles import open_regular
 from ..log import get_logger
 from ..proto import caffe_pb2
-from ..io.protofiles import open_regular
 from .db import NEW, open_db
 from .image_file import ImageReadError, encode_image, pillow_format, read_image
 

@@ -66,8 +66,8 @@ def check_lmdb_file(path: str | os.PathLike) -> None:
     meta = max(m0, m1, key=lambda m: m["txnid"])  # the newest commit, as liblmdb picks
     pages = meta["last_pg"] + 1
     if pages * psize > size:
-        raise LMDBFileError(f"data.mdb: {size} bytes, but its last commit uses {pages} pages of {psize} bytes "
-                            f"({pages * psize} bytes): the file is truncated")
+        raise LMDBFileError(f"data.mdb: {size} bytes, but its last commit uses {pages} pages of {psize} "
+                            f"bytes ({pages * psize} bytes): the file is truncated")
     root = meta["main_root"]
     if root != P_INVALID and root >= pages:
         raise LMDBFileError(f"data.mdb: its root page {root} is past its last page {pages - 1}")

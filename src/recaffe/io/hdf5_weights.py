@@ -159,9 +159,9 @@ def load_net(net, path: str) -> None:
                         raise WeightsError(f"{path}: incompatible number of blobs for layer {name!r}")
                     ds = group[str(j)]
                     if tuple(ds.shape) != blob.shape:  # before reading: the file may declare any size
-                        raise WeightsError(f"{path}: cannot copy param {j} weights from layer '{name}'; shape "
-                                           f"mismatch. Source param shape is {tuple(ds.shape)}; target param "
-                                           f"shape is {blob.shape}")
+                        raise WeightsError(f"{path}: cannot copy param {j} weights from layer '{name}'; "
+                                           f"shape mismatch. Source param shape is {tuple(ds.shape)}; target "
+                                           f"param shape is {blob.shape}")
                     blob.data[...] = read_dataset(ds, f"{path}: data/{name}/{j}", blob.shape)
     except HDF5FormatError as e:
         raise WeightsError(str(e)) from None
@@ -207,18 +207,19 @@ def load_state(path: str, history_shapes: list[tuple] | None = None
             items = dict(hard_links(h5py, hist, f"{path}: history"))
             names = [str(i) for i in range(len(items))]
             if sorted(items) != sorted(names):
-                raise HDF5FormatError(f"{path}: history holds {sorted(items)}, expected datasets 0..{len(items) - 1}")
+                raise HDF5FormatError(f"{path}: history holds {sorted(items)}, expected datasets "
+                                      f"0..{len(items) - 1}")
             if history_shapes is not None and len(items) != len(history_shapes):
-                raise HDF5FormatError(f"{path}: incorrect length of history blobs: the state has {len(items)}, "
-                                      f"this net's solver needs {len(history_shapes)} (does the state belong "
-                                      f"to this net and solver type?)")
+                raise HDF5FormatError(f"{path}: incorrect length of history blobs: the state has "
+                                      f"{len(items)}, this net's solver needs {len(history_shapes)} (does "
+                                      f"the state belong to this net and solver type?)")
             history = []
             for i, name in enumerate(names):
                 ds = items[name]
                 if history_shapes is not None and tuple(ds.shape) != tuple(history_shapes[i]):
-                    raise HDF5FormatError(f"{path}: history blob {i} has shape {tuple(ds.shape)}, this net's "
-                                          f"param {i} has shape {tuple(history_shapes[i])}: the state belongs "
-                                          f"to another net")
+                    raise HDF5FormatError(f"{path}: history blob {i} has shape {tuple(ds.shape)}, this "
+                                          f"net's param {i} has shape {tuple(history_shapes[i])}: the state "
+                                          f"belongs to another net")
                 history.append(read_dataset(ds, f"{path}: history/{name}", kinds="f"))
         except KeyError as e:
             raise HDF5FormatError(f"{path}: not a Caffe HDF5 solver state ({e})") from None

@@ -26,7 +26,8 @@ def read_hdf5_list(source: str) -> list[str]:
     """The HDF5 file names of a list file: whitespace-separated, as Caffe reads them (so names
     cannot contain spaces); relative names are relative to the working directory, as in Caffe."""
     try:
-        with open_regular(source, "HDF5 list file", mode="r", encoding="utf-8", errors="surrogateescape") as f:
+        with open_regular(source, "HDF5 list file", mode="r", encoding="utf-8",
+                          errors="surrogateescape") as f:
             names = f.read().split()
     except OSError as e:
         raise HDF5DataError(f"Failed to open source file {source!r}: {e.strerror or e}") from None
@@ -216,7 +217,8 @@ class HDF5OutputLayer(Layer):
         self._check_target()
         folder = os.path.dirname(os.path.abspath(self._file_name))
         if not os.path.isdir(folder):
-            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: the folder {folder!r} does not exist")
+            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: the folder {folder!r} "
+                             f"does not exist")
 
     def _check_target(self) -> None:
         """An existing file_name may only be replaced if it is an HDF5 file (a previous output)."""

@@ -17,8 +17,8 @@ from ..io.protofiles import locked_temporary, remove_stale_temporaries
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
-from ..signals import deferred_interrupts
 from ..proto import caffe_pb2
+from ..signals import deferred_interrupts
 from .lr_policies import learning_rate
 
 log = get_logger(__name__)
@@ -336,8 +336,9 @@ class Solver:
         """Temporaries of snapshot writes that were killed (see io/protofiles.atomic_target)."""
         prefix = self.param.snapshot_prefix
         pattern = re.escape(os.path.basename(prefix)) + r"_iter_\d+\.(caffemodel|solverstate|probe)(\.h5)?"
-        for name in remove_stale_temporaries(os.path.dirname(prefix), pattern):
-            log.info("Removed %s, left by an interrupted snapshot", os.path.join(os.path.dirname(prefix), name))
+        folder = os.path.dirname(prefix)
+        for name in remove_stale_temporaries(folder, pattern):
+            log.info("Removed %s, left by an interrupted snapshot", os.path.join(folder, name))
 
     def snapshot(self) -> str:
         """Write the weights and the solver state (both atomically); returns the state's filename."""
