@@ -3,9 +3,10 @@
 liblmdb trusts the file it maps: a truncated ``data.mdb`` raises SIGBUS when a missing page is
 touched, a zeroed page trips an ``assert`` that aborts the process. Caffe dies on such databases;
 recaffe reads them in a child process instead, and a crash there becomes a :class:`ChildDBError`
-naming the database. The child is this file run as a script (``python lmdb_child.py SOURCE``): it
-imports only the standard library and py-lmdb, so it starts in a few tens of milliseconds, and it
-exits when its parent closes the pipe or dies.
+naming the database. The child is this file run as a script (``python -S lmdb_child.py
+LMDB_PACKAGE_FOLDER SOURCE``): it imports only the standard library and py-lmdb, skipping site
+initialisation, so it starts in a few tens of milliseconds, and it exits when its parent closes the
+pipe or dies.
 
 Protocol (the child's stdin/stdout): the child answers its start with a frame ``O`` holding the
 number of records, or ``E`` and a message. Then each command byte ``F`` (from the first record)
@@ -17,10 +18,12 @@ A frame is a type byte, a little-endian uint32 payload length, then the payload.
 from __future__ import annotations
 
 import os
-import signal
 import struct
-import subprocess
 import sys
+
+# The child imports only the above and lmdb (subprocess and signal, for the parent, would double
+# its start-up time); it runs in its own session, so terminal signals (Ctrl-C, SIGHUP) are the
+# parent's to handle (-sigint_effect) and never kill the reader under it.
 
 CHUNK_RECORDS = 1024
 CHUNK_BYTES = 4 << 20
@@ -72,7 +75,6 @@ def _chunk(cur, first: bool) -> bytes:
 def serve(source: str) -> int:
     import lmdb
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     try:
         env = open_reader_env(source)
@@ -91,7 +93,7 @@ def serve(source: str) -> int:
     except lmdb.Error as e:
         _send(out, b"E", f"{type(e).__name__}: {e}".encode("utf-8", "replace"))
         return 1
-    except (BrokenPipeError, KeyboardInterrupt):
+    except BrokenPipeError:
         return 0
 
 
@@ -101,12 +103,18 @@ class ChildReader:
     ``value``, ``next``, ``seek_to_first``); ``entries`` is the database's record count."""
 
     def __init__(self, source: str):
+        import subprocess
+
+        import lmdb
+
         self.source = source
-        args = [sys.executable]
+        # -S: no site initialisation (a third of the start-up); py-lmdb's folder is passed instead.
+        args = [sys.executable, "-S"]
         if sys.version_info >= (3, 11):
             args.append("-P")  # do not put this folder (db.py, mnist.py, ...) on the child's path
-        self._proc = subprocess.Popen(args + [os.path.abspath(__file__), source], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        args += [os.path.abspath(__file__), os.path.dirname(os.path.dirname(lmdb.__file__)), source]
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
         self._pending = 0  # chunks asked for and not received yet
         self._records: list[tuple[int, int, int]] = []  # (key start, value start, value end) in _buf
         self._buf = memoryview(b"")
@@ -140,6 +148,8 @@ class ChildReader:
         return bytes(self._buf[v:e])
 
     def close(self) -> None:
+        import subprocess
+
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -209,6 +219,9 @@ class ChildReader:
 
     def _died(self) -> ChildDBError:
         """The error for a child that stopped answering: how it died and what it printed."""
+        import signal
+        import subprocess
+
         proc, self._proc = self._proc, None
         if proc is None:
             return ChildDBError("the database was closed")
@@ -235,4 +248,5 @@ class ChildReader:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1]))
+    sys.path.insert(0, sys.argv[1])
+    sys.exit(serve(sys.argv[2]))
