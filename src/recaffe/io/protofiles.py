@@ -62,12 +62,14 @@ def open_regular(path: str | os.PathLike, what: str | None = None, mode: str = "
     """``open(path, mode)`` for reading, refusing anything but a regular file. The check is made
     on the opened descriptor (opened non-blocking, so a FIFO without a writer does not block)."""
     path = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX; elsewhere there are no FIFOs to open
+    fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
     try:
         st_mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(st_mode):
             raise _not_regular(path, st_mode, what)
-        os.set_blocking(fd, True)
+        if nonblock:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, mode, **kwargs)
     except BaseException:
         os.close(fd)
