@@ -60,6 +60,10 @@ class Solver:
                 and _device.mode() == "cpu":
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
                      "for CUDA); training on CPU")
+        self.iter = 0
+        if param.snapshot:  # before the nets are built, as Caffe's CheckSnapshotWritePermissions
+            self.check_snapshot_prefix("snapshot")
+        self.remove_stale_snapshot_temporaries()
         if param.random_seed >= 0:
             rng.set_random_seed(param.random_seed)
         self.callbacks: list[tuple[Callable | None, Callable | None]] = []
@@ -68,14 +72,10 @@ class Solver:
         self._init_train_net()
         self._init_test_nets()
         log.info("Solver scaffolding done.")
-        self.iter = 0
         self.current_step = 0
         self.smoothed_loss = 0.0
         self.losses: list[float] = []
         self.pre_solve()
-        if param.snapshot:
-            self.check_snapshot_prefix("snapshot")
-        self.remove_stale_snapshot_temporaries()
 
     # ------------------------------------------------------------------ nets
     def _upgrade_snapshot_prefix(self) -> None:
