@@ -2,10 +2,16 @@
 
 ``caffe train -sigint_effect=snapshot|stop|none -sighup_effect=...``: the handler records the
 signals; the solver asks ``action()`` after each iteration and snapshots or stops.
+
+``deferred_interrupts()`` holds SIGINT back while the solver updates the weights and its history,
+so Ctrl-C in ``solver.step()`` from Python lands between iterations, never in a half-done update.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import threading
 
 ACTIONS = ("none", "snapshot", "stop")  # by precedence: when several are requested, stop wins
 
@@ -37,3 +43,26 @@ class SignalHandler:
         actions = [self.effects[s] for s in self.pending]
         self.pending.clear()
         return max(actions, key=ACTIONS.index, default="none")
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Run the block with SIGINT held back; a SIGINT that arrived meanwhile is handed to the
+    handler that was in place (Python's raises KeyboardInterrupt) when the block has finished.
+    Outside the main thread (where Python cannot install handlers) nothing changes: signals are
+    handled by the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signum, frame = caught[0]
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)

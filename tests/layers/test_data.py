@@ -16,6 +16,7 @@ from helpers import capture_log
 from recaffe.blob import Blob
 from recaffe.data import db as dbmod
 from recaffe.data.db import NEW, READ, DBError, open_db
+from recaffe.data.lmdb_child import open_reader_env
 from recaffe.data.transformer import DataTransformer, TransformError
 from recaffe.gradient_check import forward_layer, layer_param, make_layer
 from recaffe.io.protofiles import write_binary
@@ -535,9 +536,9 @@ def test_two_layers_read_one_database_independently(tmp_path, backend):
         b.close()
     np.testing.assert_array_equal(np.concatenate(ya), [0, 1, 2, 0])
     np.testing.assert_array_equal(np.concatenate(yb), [0, 1, 2, 0])
-    # Every handle on it was released.
+    # Every handle on it was released (LMDB readers are child processes, ended by close).
     key = str((tmp_path / "db").resolve())
-    assert key not in dbmod._lmdb_readers._open and key not in dbmod._leveldb_readers._open
+    assert key not in dbmod._leveldb_readers._open
 
 
 def test_lmdb_in_a_read_only_folder_is_read_without_locks(tmp_path, monkeypatch):
@@ -552,9 +553,11 @@ def test_lmdb_in_a_read_only_folder_is_read_without_locks(tmp_path, monkeypatch)
         return real_open(path, **kw)
 
     monkeypatch.setattr(lmdb, "open", no_lock_file)
-    db = open_db("lmdb", src, READ)
-    assert [caffe_pb2.Datum.FromString(v).label for _, v in db.new_cursor()] == [4, 2]
-    db.close()
+    # The reader process's open (run here, where lmdb.open is patched).
+    env = open_reader_env(str(src))
+    with env.begin() as txn:
+        assert [caffe_pb2.Datum.FromString(v).label for _, v in txn.cursor()] == [4, 2]
+    env.close()
 
 
 @pytest.mark.parametrize("backend, junk_file, words", [

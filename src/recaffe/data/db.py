@@ -15,7 +15,8 @@ The interface mirrors Caffe's so data tools and layers read both the same way::
 
 Modes as Caffe's: ``READ`` (read only, the database must exist), ``WRITE`` (create if missing),
 ``NEW`` (the database must not exist yet). Problems raise :class:`DBError` naming the backend and
-path.
+path. LMDBs are read in child processes (see lmdb_child.py): no database content, however corrupt,
+can crash the reading process.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 
 from ..errors import RecaffeError
 from ..log import get_logger
+from .lmdb_check import LMDBFileError, check_lmdb_file
+from .lmdb_child import ChildDBError, ChildReader
 from ..proto import caffe_pb2
 
 log = get_logger(__name__)
@@ -115,9 +118,9 @@ def _key_bytes(key: bytes | str) -> bytes:
 class _SharedHandles:
     """Read handles shared per path within the process, reference-counted.
 
-    py-lmdb refuses to open one environment twice in a process, and LevelDB locks its folder;
-    yet two nets (train and test, or two pycaffe Nets from one prototxt) may read the same
-    database. Each gets its own cursor on one shared handle.
+    LevelDB locks its folder (LMDB readers each have their own child process), yet two nets
+    (train and test, or two pycaffe Nets from one prototxt) may read the same database. Each gets
+    its own cursor on one shared handle.
     """
 
     def __init__(self) -> None:
@@ -146,12 +149,14 @@ class _SharedHandles:
                 handle.close()
 
 
-_lmdb_readers = _SharedHandles()
 _leveldb_readers = _SharedHandles()
 
 
 # --------------------------------------------------------------------------------- LMDB
 class LMDB(DB):
+    """Reads go through child processes (data/lmdb_child.py): a corrupt database cannot crash
+    this process, it raises :class:`DBError`. Writes are made here, after the same file checks."""
+
     backend = "LMDB"
     # Writers start with a 1 GiB map (sparse on disk) and double it whenever a commit finds it full.
     INITIAL_MAP_SIZE = 1 << 30
@@ -159,7 +164,7 @@ class LMDB(DB):
     def __init__(self) -> None:
         self.env = None
         self.source = ""
-        self._shared = False
+        self._spare: ChildReader | None = None  # the reader started by open(), for the first cursor
 
     def open(self, source, mode=READ):
         import lmdb
@@ -185,86 +190,95 @@ class LMDB(DB):
                 raise DBError(f"{what}: the directory holds no data.mdb")
         else:
             os.makedirs(source, exist_ok=True)
-        try:
-            if mode == READ:
-                self.env = _lmdb_readers.acquire(source, lambda: self._open_reader(source))
-                self._shared = True
-            else:
+        data_file = os.path.join(source, "data.mdb")
+        if mode != NEW and os.path.exists(data_file):
+            try:
+                check_lmdb_file(data_file)
+            except LMDBFileError as e:
+                raise DBError(f"{what}: {e}") from None
+        if mode == READ:
+            # Opening is the child's first step: its errors are the open's.
+            self._spare = self._reader(what)
+        else:
+            try:
                 self.env = lmdb.open(source, map_size=self.INITIAL_MAP_SIZE, create=True, subdir=True)
-        except lmdb.Error as e:
-            raise DBError(f"{what}: {e}") from None
+            except lmdb.Error as e:
+                raise DBError(f"{what}: {e}") from None
         log.info("Opened lmdb %s", source)
 
-    @staticmethod
-    def _open_reader(source: str):
-        import lmdb
-
-        # Caffe reads with MDB_RDONLY | MDB_NOTLS (py-lmdb always sets MDB_NOTLS).
+    def _reader(self, what: str) -> ChildReader:
         try:
-            return lmdb.open(source, readonly=True, create=False, lock=True, max_readers=126)
-        except lmdb.Error as e:
-            # A read-only folder cannot hold the lock file: read without locking, as Caffe built
-            # with ALLOW_LMDB_NOLOCK does.
-            if "ermission" not in str(e) and "read-only" not in str(e).lower():
-                raise
-            log.warning("LMDB %s: cannot create its lock file (%s); reading without locks", source, e)
-            return lmdb.open(source, readonly=True, create=False, lock=False)
+            return ChildReader(self.source)
+        except ChildDBError as e:
+            raise DBError(f"{what}: {e}") from None
 
     def close(self):
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
         if self.env is not None:
-            if self._shared:
-                _lmdb_readers.release(self.source, self.env)
-            else:
-                self.env.close()
+            self.env.close()
             self.env = None
 
     def _env(self):
         if self.env is None:
-            raise DBError(f"LMDB {self.source!r} is not open")
+            raise DBError(f"LMDB {self.source!r} is not open for writing")
         return self.env
 
     def new_cursor(self):
-        return _LMDBCursor(self._env(), self.source, self)
+        if self.env is not None:
+            raise DBError(f"LMDB {self.source!r} is open for writing; open it with mode READ to read it")
+        if not self.source:
+            raise DBError("LMDB is not open")
+        reader, self._spare = self._spare, None
+        return _LMDBCursor(reader or self._reader(f"cannot read LMDB {self.source!r}"), self.source, self)
 
     def new_transaction(self):
         return _LMDBTransaction(self._env(), self.source, self)
 
     def __len__(self) -> int:
-        return self._env().stat()["entries"]
+        if self.env is not None:
+            return self._env().stat()["entries"]
+        cursor = self.new_cursor()
+        try:
+            return cursor.entries
+        finally:
+            cursor.close()
 
 
 class _LMDBCursor(Cursor):
-    """Holds one read transaction for its whole life (a consistent snapshot), as Caffe's."""
+    """A child process's cursor (data/lmdb_child.py) holding one read transaction for its whole
+    life (a consistent snapshot), as Caffe's; its failures raise DBError naming the database."""
 
-    def __init__(self, env, source: str, owner: DB):
+    def __init__(self, reader: ChildReader, source: str, owner: DB):
         self.source = source
         self._owner = owner  # keeps the database open while the cursor lives
-        self._txn = env.begin(write=False, buffers=False)
-        self._cur = self._txn.cursor()
-        self._valid = False
-        self.seek_to_first()
+        self._reader = reader
+        self.entries = reader.entries
+
+    def _call(self, method):
+        try:
+            return method()
+        except ChildDBError as e:
+            raise DBError(f"cannot read LMDB {self.source!r}: {e}") from None
 
     def seek_to_first(self):
-        self._valid = self._cur.first()
+        self._call(self._reader.seek_to_first)
 
     def next(self):
-        self._valid = self._cur.next()
+        self._call(self._reader.next)
 
     def key(self):
-        return self._cur.key()
+        return self._reader.key()
 
     def value(self):
-        return self._cur.value()
+        return self._reader.value()
 
     def valid(self):
-        return self._valid
+        return self._reader.valid()
 
     def close(self):
-        if self._txn is not None:
-            self._cur.close()
-            self._txn.abort()
-            self._txn = None
-            self._valid = False
+        self._reader.close()
 
 
 class _LMDBTransaction(Transaction):
@@ -358,23 +372,33 @@ class LevelDB(DB):
 
 
 class _LevelDBCursor(Cursor):
+    """LevelDB reports corruption as exceptions (plyvel.Error): raised as DBError naming the database."""
+
     def __init__(self, db, owner: DB):
         self._owner = owner  # keeps the database open while the cursor lives
         self._snapshot = db.snapshot()
         self._it = self._snapshot.raw_iterator()
         self.seek_to_first()
 
+    def _call(self, method):
+        import plyvel
+
+        try:
+            return method()
+        except plyvel.Error as e:
+            raise DBError(f"cannot read LevelDB {self._owner.source!r}: {e}") from None
+
     def seek_to_first(self):
-        self._it.seek_to_first()
+        self._call(self._it.seek_to_first)
 
     def next(self):
-        self._it.next()
+        self._call(self._it.next)
 
     def key(self):
         return self._it.key()
 
     def value(self):
-        return self._it.value()
+        return self._call(self._it.value)
 
     def valid(self):
         return self._it.valid()

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import RecaffeError
+from ..io.protofiles import open_regular
 from ..log import get_logger
 from ..proto import caffe_pb2
 from .db import NEW, open_db
@@ -64,12 +65,12 @@ def read_list_file(path: str | os.PathLike) -> list[ListEntry]:
     """The ``FILENAME LABEL`` lines of a list file, in order."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open_regular(path, "list file", mode="r", encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
     except FileNotFoundError:
         raise ImagesetError(f"list file {path} not found") from None
     except OSError as e:
-        raise ImagesetError(f"cannot read list file {path}: {e.strerror}") from None
+        raise ImagesetError(f"cannot read list file {path}: {e.strerror or e}") from None
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

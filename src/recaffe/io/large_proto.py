@@ -22,7 +22,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 
 from ..errors import RecaffeError
-from .protofiles import ProtoFileError, check_path, read_binary
+from .protofiles import ProtoFileError, check_path, check_regular_file, read_binary
 
 MAX_PARSE_BYTES = 1 << 28  # well below protobuf's 2 GiB limit; bounds the extra memory one parse takes
 
@@ -43,7 +43,10 @@ def read_binary_any_size(path: str | os.PathLike, msg, what: str | None = None,
     max_parse = max_parse or MAX_PARSE_BYTES
     what = what or type(msg).__name__
     try:
+        check_regular_file(path, what)
         size = os.path.getsize(path)
+    except ProtoFileError:
+        raise
     except FileNotFoundError:
         raise ProtoFileError(f"{path}: file not found") from None
     except OSError as e:

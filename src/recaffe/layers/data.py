@@ -272,16 +272,19 @@ class DataLayer(PrefetchingDataLayer):
             transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
         except TransformError as e:
             raise self.error(str(e)) from None
-        cursor = self._db.new_cursor()
-        if not cursor.valid():
-            raise self.error(f"{where} holds no records")
-        if dp.rand_skip:
-            skip = int(gen.integers(dp.rand_skip))
-            log.info("Skipping first %d data points.", skip)
-            for _ in range(skip):
-                cursor.next()
-                if not cursor.valid():
-                    cursor.seek_to_first()
+        try:
+            cursor = self._db.new_cursor()
+            if not cursor.valid():
+                raise self.error(f"{where} holds no records")
+            if dp.rand_skip:
+                skip = int(gen.integers(dp.rand_skip))
+                log.info("Skipping first %d data points.", skip)
+                for _ in range(skip):
+                    cursor.next()
+                    if not cursor.valid():
+                        cursor.seek_to_first()
+        except DBError as e:  # a damaged database (its reader process reports it)
+            raise self.error(str(e)) from None
         # In multi-solver training each TRAIN solver reads its own share of the records; only
         # the root solver tests, so TEST nets read everything (as Caffe).
         rank, world = (0, 1) if self.phase == caffe_pb2.TEST else solver_rank_and_count()

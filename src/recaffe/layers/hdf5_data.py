@@ -9,7 +9,8 @@ import torch
 
 from .. import rng
 from ..errors import RecaffeError
-from ..io.hdf5_weights import import_h5py, write_hdf5_atomically
+from ..io.hdf5_weights import HDF5FormatError, check_dataset, import_h5py, is_hdf5, write_hdf5_atomically
+from ..io.protofiles import NotRegularFileError, check_regular_file, open_regular
 from ..layer import Layer, register
 from ..log import get_logger
 from ..parallel import solver_rank_and_count
@@ -26,7 +27,8 @@ def read_hdf5_list(source: str) -> list[str]:
     """The HDF5 file names of a list file: whitespace-separated, as Caffe reads them (so names
     cannot contain spaces); relative names are relative to the working directory, as in Caffe."""
     try:
-        with open(source, encoding="utf-8", errors="surrogateescape") as f:
+        with open_regular(source, "HDF5 list file", mode="r", encoding="utf-8",
+                          errors="surrogateescape") as f:
             names = f.read().split()
     except OSError as e:
         raise HDF5DataError(f"Failed to open source file {source!r}: {e.strerror or e}") from None
@@ -35,35 +37,67 @@ def read_hdf5_list(source: str) -> list[str]:
     return names
 
 
-def load_hdf5_file(filename: str, dataset_names, np_dtype) -> list[np.ndarray]:
+# deflate, the strongest filter h5py reads without plugins, compresses at most about 1032:1
+_MAX_COMPRESSION = 1032
+
+
+def _filtered(ds) -> bool:
+    return ds.id.get_create_plist().get_nfilters() > 0
+
+
+def _check_storage(ds, where: str) -> None:
+    """A dataset must store the data it declares: a few bytes of file cannot stand for gigabytes
+    (unwritten chunks read as fill values; only compression may make the file smaller)."""
+    stored = ds.id.get_storage_size()
+    needed = ds.size * ds.dtype.itemsize
+    if stored * (_MAX_COMPRESSION if _filtered(ds) else 1) < needed:
+        raise HDF5DataError(f"{where}: declares shape {ds.shape} ({needed} bytes) but the file stores "
+                            f"{stored} bytes of it (a truncated or crafted file)")
+
+
+def load_hdf5_file(filename: str, dataset_names, np_dtype, row_shapes=None) -> list[np.ndarray]:
     """The named datasets of one file, read as ``np_dtype`` (float and integer datasets, as
-    Caffe's ``hdf5_load_nd_dataset``). All must have at least one axis and the same row count."""
+    Caffe's ``hdf5_load_nd_dataset``). All must have at least one axis and the same row count,
+    and rows of ``row_shapes`` when given. Everything is checked before any data is read."""
     h5py = import_h5py()
     try:
+        check_regular_file(filename, "HDF5 data file")
         f = h5py.File(filename, "r")
+    except NotRegularFileError as e:
+        raise HDF5DataError(f"Failed opening HDF5 file {filename!r}: {e}") from None
     except (OSError, ValueError) as e:
         reason = "no such file" if not os.path.exists(filename) else str(e)
         raise HDF5DataError(f"Failed opening HDF5 file {filename!r}: {reason}") from None
-    arrays = []
     with f:
-        for name in dataset_names:
+        datasets = []
+        for i, name in enumerate(dataset_names):
+            where = f"{filename}: dataset {name!r}"
+            link = f.get(name, getlink=True)
+            if link is not None and not isinstance(link, h5py.HardLink):
+                raise HDF5DataError(f"{where} is a {type(link).__name__}; only plain datasets are read")
             ds = f.get(name)
             if not isinstance(ds, h5py.Dataset):
                 raise HDF5DataError(f"{filename}: Failed to find HDF5 dataset {name!r} "
                                     f"(the file has: {', '.join(sorted(f.keys())) or 'nothing'})")
+            try:
+                check_dataset(ds, where)
+            except HDF5FormatError as e:
+                raise HDF5DataError(str(e)) from None
             if ds.dtype.kind not in "fiu":
-                raise HDF5DataError(f"{filename}: dataset {name!r} has type {ds.dtype}; HDF5Data reads "
-                                    f"float or integer datasets")
+                raise HDF5DataError(f"{where} has type {ds.dtype}; HDF5Data reads float or integer datasets")
             if ds.ndim < 1:
-                raise HDF5DataError(f"{filename}: dataset {name!r} is a scalar; rows need a first axis")
-            arrays.append(np.asarray(ds[...], dtype=np_dtype))
-    for name, a in zip(dataset_names[1:], arrays[1:]):
-        if a.shape[0] != arrays[0].shape[0]:
-            raise HDF5DataError(f"{filename}: dataset {name!r} has {a.shape[0]} rows but "
-                                f"{dataset_names[0]!r} has {arrays[0].shape[0]}")
-    if arrays[0].shape[0] == 0:
-        raise HDF5DataError(f"{filename}: the datasets have no rows")
-    return arrays
+                raise HDF5DataError(f"{where} is a scalar; rows need a first axis")
+            if row_shapes is not None and tuple(ds.shape[1:]) != tuple(row_shapes[i]):
+                raise HDF5DataError(f"{where} has rows of shape {tuple(ds.shape[1:])}, but the top was "
+                                    f"shaped {tuple(row_shapes[i])} from the first file")
+            if ds.shape[0] != (datasets[0].shape[0] if datasets else ds.shape[0]):
+                raise HDF5DataError(f"{where} has {ds.shape[0]} rows but {dataset_names[0]!r} has "
+                                    f"{datasets[0].shape[0]}")
+            _check_storage(ds, where)
+            datasets.append(ds)
+        if datasets[0].shape[0] == 0:
+            raise HDF5DataError(f"{filename}: the datasets have no rows")
+        return [np.asarray(ds[...], dtype=np_dtype) for ds in datasets]
 
 
 @register("HDF5Data")
@@ -116,14 +150,9 @@ class HDF5DataLayer(Layer):
     def _load_current_file(self) -> None:
         filename = self._files[self._file_order[self._current_file]]
         try:
-            arrays = load_hdf5_file(filename, self._names, self._np_dtype)
+            arrays = load_hdf5_file(filename, self._names, self._np_dtype, self._shapes)
         except HDF5DataError as e:
             raise self.error(str(e)) from None
-        if self._shapes is not None:
-            for name, a, shape in zip(self._names, arrays, self._shapes):
-                if a.shape[1:] != shape:
-                    raise self.error(f"{filename}: dataset {name!r} has rows of shape {a.shape[1:]}, but "
-                                     f"the top was shaped {shape} from the first file")
         self._arrays = arrays
         self._rows = np.arange(arrays[0].shape[0])
         if self._shuffle:
@@ -171,10 +200,11 @@ class HDF5OutputLayer(Layer):
     """Writes its two bottoms to ``hdf5_output_param.file_name`` as the float datasets ``data``
     and ``label``, each in Caffe's legacy 4-D shape (num, channels, height, width).
 
-    As in Caffe, the file is created (emptied) at setup and the datasets are written by the first
-    forward; Caffe's second forward fails because the datasets exist (BVLC/caffe#1726), and so
-    does recaffe's, with an error instead of overwriting the rows already saved. The file is
-    written atomically (a temporary file renamed into place).
+    The datasets are written by the first forward; Caffe's second forward fails because the
+    datasets exist (BVLC/caffe#1726), and so does recaffe's, with an error instead of overwriting
+    the rows already saved. Caffe truncates the file when the net is built, whatever it is; recaffe
+    only checks at setup that it can be written, and writes it at the first forward (atomically: a
+    temporary file renamed into place), refusing to replace an existing file that is not HDF5.
     """
 
     exact_num_bottom_blobs = 2
@@ -185,10 +215,19 @@ class HDF5OutputLayer(Layer):
         if not self._file_name:
             raise self.error("hdf5_output_param.file_name is required")
         self._written = False
-        try:
-            write_hdf5_atomically(self._file_name, lambda f: None)
-        except OSError as e:
-            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: {e}") from None
+        self._check_target()
+        folder = os.path.dirname(os.path.abspath(self._file_name))
+        if not os.path.isdir(folder):
+            raise self.error(f"Failed to open HDF5 file {self._file_name!r}: the folder {folder!r} "
+                             f"does not exist")
+
+    def _check_target(self) -> None:
+        """An existing file_name may only be replaced if it is an HDF5 file (a previous output)."""
+        name = self._file_name
+        if os.path.lexists(name) and not (os.path.isfile(name) and is_hdf5(name)):
+            what = "a directory" if os.path.isdir(name) else "not an HDF5 file"
+            raise self.error(f"hdf5_output_param.file_name {name!r} exists and is {what}; refusing to "
+                             f"overwrite it (remove it or choose another file_name)")
 
     def reshape(self, bottom, top):
         pass
@@ -208,6 +247,7 @@ class HDF5OutputLayer(Layer):
             raise self.error(f"data blob and label blob must have the same batch size "
                              f"({bottom[0].num} vs {bottom[1].num})")
         data, label = self._legacy_4d(bottom[0], "data"), self._legacy_4d(bottom[1], "label")
+        self._check_target()
         log.info("Saving HDF5 file %s", self._file_name)
 
         def write(f):

@@ -20,6 +20,7 @@ import torch
 from .. import rng
 from ..data.image_file import ImageReadError, decode_image_file, read_image, resize_linear
 from ..data.transformer import DataTransformer, TransformError, warn_deprecated_transform_fields
+from ..io.protofiles import open_regular
 from ..layer import register
 from .data import PrefetchingDataLayer
 from ..log import get_logger
@@ -46,7 +47,7 @@ def _merged_transform_param(layer_param, old) -> caffe_pb2.TransformationParamet
 
 def _read_lines(path: str, what: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open_regular(path, what, encoding="utf-8", errors="surrogateescape", mode="r") as f:
             return f.read().split("\n")
     except OSError as e:
         raise DataFileError(f"cannot open the {what} {path!r}: {e.strerror or e}") from None

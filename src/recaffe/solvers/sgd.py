@@ -120,7 +120,11 @@ class SGDSolver(Solver):
         """Restore iter, lr step, history and (via ``learned_net``) the weights, from either format."""
         state_file = os.fspath(state_file)
         if state_file.endswith(".h5"):
-            it, model, step, history = hdf5_weights.load_state(state_file)
+            try:
+                it, model, step, history = hdf5_weights.load_state(state_file,
+                                                                   [h.shape for h in self.history_blobs()])
+            except hdf5_weights.HDF5FormatError as e:
+                raise SolverError(str(e)) from None
         else:
             state = read_binary(state_file, caffe_pb2.SolverState(), "SolverState (.solverstate)")
             it, model, step, history = state.iter, state.learned_net or None, state.current_step, state.history

@@ -4,6 +4,7 @@ display with loss smoothing, snapshots and restore. Update rules live in the sub
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Callable
 
@@ -13,11 +14,13 @@ from .. import device as _device
 from .. import rng
 from ..errors import RecaffeError
 from ..io.netfiles import read_net_text
+from ..io.protofiles import locked_temporary, remove_stale_temporaries
 from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
+from ..signals import deferred_interrupts
 from .lr_policies import LearningRateError, check_policy, learning_rate
 
 log = get_logger(__name__)
@@ -72,6 +75,10 @@ class Solver:
                 and _device.mode() == "cpu":
             log.info("solver_mode is GPU but recaffe runs in CPU mode (use -gpu or caffe.set_mode_gpu() "
                      "for CUDA); training on CPU")
+        self.iter = 0
+        if param.snapshot:  # before the nets are built, as Caffe's CheckSnapshotWritePermissions
+            self.check_snapshot_prefix("snapshot")
+        self.remove_stale_snapshot_temporaries()
         if param.random_seed >= 0:
             # Caffe's Solver::Init: each of several solvers (caffe.NCCL, -gpu 0,1) seeds with seed + rank.
             rng.set_random_seed(param.random_seed + solver_rank_and_count()[0])
@@ -81,7 +88,6 @@ class Solver:
         self._init_train_net()
         self._init_test_nets()
         log.info("Solver scaffolding done.")
-        self.iter = 0
         self.current_step = 0
         self.smoothed_loss = 0.0
         # Caffe's iteration_timer_ and iterations_last_: the display's iter/s spans step() calls
@@ -242,8 +248,9 @@ class Solver:
             for _, on_grad in self.callbacks:
                 if on_grad:
                     on_grad()
-            self.apply_update()
-            self.iter += 1
+            with deferred_interrupts():  # Ctrl-C lands after the whole update, not inside it
+                self.apply_update()
+                self.iter += 1
             request = self.action_request() if self.action_request else "none"
             if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
                 self.snapshot()
@@ -256,6 +263,8 @@ class Solver:
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", p.lr_policy)
         self.requested_early_exit = False
+        if p.snapshot_after_train:  # found now, not after the training
+            self.check_snapshot_prefix("snapshot_after_train")
         if resume_file:
             log.info("Restoring previous solver status from %s", resume_file)
             self.restore(resume_file)
@@ -351,9 +360,33 @@ class Solver:
     def snapshot_filename(self, extension: str) -> str:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{extension}"
 
+    def check_snapshot_prefix(self, setting: str) -> None:
+        """Caffe's CheckSnapshotWritePermissions: write and remove a probe file where the snapshots
+        will go, so a missing or read-only folder is found before training, not after it."""
+        probe = self.snapshot_filename(".probe")
+        try:
+            fd, tmp = locked_temporary(probe)
+        except OSError as e:
+            prefix = self.param.snapshot_prefix
+            folder = os.path.dirname(os.path.abspath(probe))
+            raise SolverError(f"Cannot write to snapshot prefix {prefix!r} (needed by {setting}): "
+                              f"{e.strerror or e} in {folder!r}. Make sure that the directory exists "
+                              f"and is writable.") from None
+        os.close(fd)
+        os.unlink(tmp)
+
+    def remove_stale_snapshot_temporaries(self) -> None:
+        """Temporaries of snapshot writes that were killed (see io/protofiles.atomic_target)."""
+        prefix = self.param.snapshot_prefix
+        pattern = re.escape(os.path.basename(prefix)) + r"_iter_\d+\.(caffemodel|solverstate|probe)(\.h5)?"
+        folder = os.path.dirname(prefix)
+        for name in remove_stale_temporaries(folder, pattern):
+            log.info("Removed %s, left by an interrupted snapshot", os.path.join(folder, name))
+
     def snapshot(self) -> str:
         """Write the weights and the solver state (both atomically); returns the state's filename."""
         p = self.param
+        self.remove_stale_snapshot_temporaries()
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             model_filename = self.snapshot_filename(".caffemodel.h5")
             log.info("Snapshotting to HDF5 file %s", model_filename)
