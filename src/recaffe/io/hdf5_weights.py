@@ -78,6 +78,8 @@ def read_dataset(ds, where: str, shape: tuple | None = None, kinds: str = "fiu")
 def hard_links(h5py, group, where: str):
     """(name, item) of ``group``'s members, refusing soft and external links (Caffe writes none;
     an external link would open another file, a soft link may make a cycle)."""
+    if not isinstance(group, h5py.Group):
+        raise HDF5FormatError(f"{where}: is a {type(group).__name__}, expected a group")
     for key in group:
         link = group.get(key, getlink=True)
         if not isinstance(link, h5py.HardLink):
@@ -227,7 +229,7 @@ def load_state(path: str, history_shapes: list[tuple] | None = None
                 raise HDF5FormatError(f"{path}: not a Caffe HDF5 solver state ({e})") from None
     except HDF5FormatError:
         raise
-    except (IndexError, ValueError, TypeError, OSError, OverflowError) as e:
+    except (IndexError, ValueError, TypeError, OSError, OverflowError, AttributeError) as e:
         # h5py reports a file that is not HDF5 as OSError, a wrong layout as KeyError/TypeError/...
         raise HDF5FormatError(f"{path}: not a Caffe HDF5 solver state ({type(e).__name__}: {e})") from None
     if isinstance(learned, bytes):
