@@ -12,6 +12,7 @@ from .. import device as _device
 from ..io.netfiles import read_solver_text
 from ..layer import LayerError
 from ..log import get_logger
+from ..parallel import DataParallelError, launched_by_torchrun
 from ..proto import caffe_pb2
 from ..signals import SignalHandler
 from .flags import FlagError, FlagSet
@@ -99,6 +100,15 @@ def train(flags: dict) -> int:
     if not gpu and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
             and _torch_device_count() > 0:
         gpu = str(param.device_id)
+    if launched_by_torchrun():
+        # Started by torchrun (one process per solver, maybe on several nodes): this process is
+        # one rank; in GPU mode it uses its node's GPU LOCAL_RANK, whatever -gpu lists.
+        from ..parallel import train_distributed
+        train_distributed(param, gpu=bool(gpu), weights=flags["weights"] or None,
+                          snapshot=flags["snapshot"] or None, source=flags["solver"],
+                          sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
+        log.info("Optimization Done.")
+        return 0
     ids = _gpu_ids(gpu) if gpu else []
     if len(ids) > 1:
         # One solver per GPU, gradients averaged (Caffe's NCCL training): recaffe.parallel.
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Using deterministic algorithms only.")
             _device.set_deterministic(True)
         return COMMANDS[command](flags)
-    except (FlagError, LayerError, ValueError, OSError, _device.DeviceError) as e:
+    except (FlagError, LayerError, ValueError, OSError, _device.DeviceError, DataParallelError) as e:
         log.error("%s", e)
         print(f"caffe {command}: error: {e}", file=sys.stderr)
         return 1
