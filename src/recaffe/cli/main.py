@@ -5,10 +5,12 @@ commands: train, test, time, device_query, and Caffe's tools under their own nam
 """
 from __future__ import annotations
 
+import os
 import sys
 import time as _time
 
 from .. import device as _device
+from .. import threads as _threads
 from ..io.netfiles import read_solver_text
 from ..layer import LayerError
 from ..log import get_logger
@@ -54,6 +56,8 @@ def _flags() -> FlagSet:
           "snapshot, stop or none.")
     f.add("sighup_effect", "snapshot", "Optional; action to take when a SIGHUP signal is received: "
           "snapshot, stop or none.")
+    f.add("threads", 0, "Optional (recaffe); CPU threads for torch's kernels (0: $RECAFFE_THREADS, else "
+          "torch's default, one per physical core). Fewer threads share a busy machine better.")
     f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, so that a seeded run "
           "repeats bit for bit on GPU too (slower on GPU).")
     return f
@@ -295,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         flags, positional = _flags().parse(rest)
         if positional:
             raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
+        if flags["threads"] < 0:
+            raise FlagError(f"-threads must be a positive number of threads (or 0 for the default), "
+                            f"got {flags['threads']}")
+        if flags["threads"]:
+            _threads.set_num_threads(flags["threads"])
+            os.environ[_threads.THREADS_ENV] = str(flags["threads"])  # for data-parallel ranks too
+        if command in ("train", "test", "time"):
+            log.info("CPU: %s", _threads.describe())
         if flags["deterministic"]:
             log.info("Using deterministic algorithms only.")
             _device.set_deterministic(True)

@@ -1,0 +1,145 @@
+"""LeNet training on a shared CPU: quiet speed vs. speed while another process keeps a core busy.
+
+    python benchmarks/shared_cpu_bench.py [--seconds 3] [--batch 64] [--pin-busy CPU]
+
+For each setting, a child process trains LeNet (solver.step on Input blobs, as lenet_bench.py)
+and the same net in plain PyTorch (torch.optim.SGD), first on a quiet machine, then while this
+script runs a busy process (a spinning Python loop; ``--pin-busy 1`` pins it to CPU 1). It prints
+iter/s quiet and loaded and the ratio loaded/quiet, for:
+
+- recaffe's default: recaffe imported first, so OMP_WAIT_POLICY=PASSIVE (recaffe.threads), torch's
+  default number of threads;
+- the old behaviour: torch imported before recaffe with OMP_WAIT_POLICY unset (OpenMP's spinning
+  waits), torch's default number of threads;
+- one thread (``-threads 1``), with recaffe's default wait policy.
+
+The PyTorch column runs in the same child process, so it shares the setting. Other load on the
+machine (shown as the load average) makes all figures lower and noisier.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SETTINGS = [
+    ("recaffe default (PASSIVE)", {"RECAFFE_BENCH_IMPORT": "recaffe-first"}),
+    ("old: torch defaults (spin)", {"RECAFFE_BENCH_IMPORT": "torch-first"}),
+    ("-threads 1 (PASSIVE)", {"RECAFFE_BENCH_IMPORT": "recaffe-first", "RECAFFE_THREADS": "1"}),
+]
+
+
+def child(seconds: float, batch: int) -> None:
+    """Train both nets for `seconds` each per phase; print a line per phase, wait for 'go' between."""
+    if os.environ.get("RECAFFE_BENCH_IMPORT") == "torch-first":
+        import torch  # noqa: F401  (OpenMP loads with the environment as it is: OMP_WAIT_POLICY unset)
+    sys.path.insert(0, HERE)
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import lenet_bench  # imports recaffe
+    from recaffe import threads
+
+    g = np.random.default_rng(0)
+    data = g.random((batch, 1, 28, 28), dtype=np.float32)
+    labels = g.integers(0, 10, batch)
+    solver = lenet_bench.recaffe_solver(batch)
+    solver.net.blobs["data"].data[...] = data
+    solver.net.blobs["label"].data[...] = labels
+    model = lenet_bench.TorchLeNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0005)
+    x, y = torch.from_numpy(data), torch.from_numpy(labels)
+
+    def pt_step():
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    def rate(fn):
+        for _ in range(3):
+            fn()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    print("setting", threads.describe(), flush=True)
+    for phase in ("quiet", "loaded"):
+        if phase == "loaded":
+            sys.stdin.readline()  # the parent started the busy process
+        print(phase, rate(lambda: solver.step(1)), rate(pt_step), flush=True)
+
+
+def busy(pin: int | None) -> subprocess.Popen:
+    code = "import os\n" + (f"os.sched_setaffinity(0, {{{pin}}})\n" if pin is not None else "") + "while True: pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def run_setting(extra_env: dict, args) -> dict:
+    env = dict(os.environ, GLOG_minloglevel="2", **extra_env)
+    for var in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):
+        env.pop(var, None)  # each setting decides
+    env.setdefault("RECAFFE_THREADS", "")
+    if not env["RECAFFE_THREADS"]:
+        del env["RECAFFE_THREADS"]
+    proc = subprocess.Popen([sys.executable, __file__, "--child", "--seconds", str(args.seconds),
+                             "--batch", str(args.batch)], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    out = {}
+    spinner = None
+    try:
+        for line in proc.stdout:
+            key, _, rest = line.strip().partition(" ")
+            if key == "setting":
+                out["setting"] = rest
+            elif key in ("quiet", "loaded"):
+                out[key] = tuple(float(v) for v in rest.split())
+                if key == "quiet":
+                    spinner = busy(args.pin_busy)
+                    time.sleep(0.5)  # let it take its core
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+        if proc.wait() != 0 or "loaded" not in out:
+            raise SystemExit(f"the benchmark child failed (exit code {proc.returncode})")
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+        if proc.poll() is None:
+            proc.kill()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="timing per net and phase")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--pin-busy", type=int, default=None, metavar="CPU", help="pin the busy process to this CPU")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.seconds, args.batch)
+        return 0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"LeNet training, batch {args.batch}, {os.cpu_count()} CPUs, load average {load:.2f} before the run; "
+          f"busy process {'pinned to CPU %d' % args.pin_busy if args.pin_busy is not None else 'not pinned'}")
+    print(f"{'setting':28s} {'':8s} {'quiet it/s':>10s} {'loaded it/s':>11s} {'loaded/quiet':>12s}")
+    for name, extra in SETTINGS:
+        r = run_setting(extra, args)
+        for i, impl in enumerate(("recaffe", "PyTorch")):
+            q, ld = r["quiet"][i], r["loaded"][i]
+            print(f"{name if i == 0 else '':28s} {impl:8s} {q:10.1f} {ld:11.1f} {ld / q:11.2f}x")
+        print(f"{'':28s} ({r['setting']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
