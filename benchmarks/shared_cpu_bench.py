@@ -37,6 +37,8 @@ def child(seconds: float, batch: int) -> None:
     """Train both nets for `seconds` each per phase; print a line per phase, wait for 'go' between."""
     if os.environ.get("RECAFFE_BENCH_IMPORT") == "torch-first":
         import torch  # noqa: F401  (OpenMP loads with the environment as it is: OMP_WAIT_POLICY unset)
+    else:
+        import recaffe  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
     sys.path.insert(0, HERE)
     import numpy as np
     import torch
