@@ -37,7 +37,8 @@ def layer_param(text_or_param: str | caffe_pb2.LayerParameter, phase: int = caff
 
 
 def make_layer(param, bottoms: Sequence[np.ndarray], num_tops: int = 1, dtype=torch.float64,
-               phase: int = caffe_pb2.TRAIN, seed: int = 1701, device=None) -> tuple[Layer, list[Blob], list[Blob]]:
+               phase: int = caffe_pb2.TRAIN, seed: int = 1701,
+               device=None) -> tuple[Layer, list[Blob], list[Blob]]:
     """Create and set up a layer on float64 bottom blobs holding ``bottoms``, on ``device``
     (default: the current mode's device, so GPU mode checks the GPU kernels)."""
     device = _device.current_device() if device is None else torch.device(device)

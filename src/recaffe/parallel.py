@@ -13,9 +13,12 @@ What Caffe does (parallel.cpp, solver.cpp, data_layer.cpp, tools/caffe.cpp) and 
   Caffe 1.0's DataLayer::Skip); TEST nets read everything;
 - only the root solver tests, displays, snapshots and logs; the others only ``step``.
 
-Choices: the process group is initialized from a file in a temporary folder (no TCP port), with
-"nccl" for CUDA devices and "gloo" for CPU; an error in any rank stops all ranks and is raised
-in the launching process (Caffe would hang or abort).
+Two launchers: ``train_data_parallel`` (``caffe train -gpu 0,1``) spawns one process per device
+on this machine and initializes the group from a file in a temporary folder (no TCP port); an
+error in any rank stops all ranks and is raised in the launching process (Caffe would hang or
+abort). ``train_distributed`` (``caffe train`` under torchrun, docs/distributed.md) is one rank of
+a group that may span machines, with the global RANK as the solver rank; a ``PeerWatchdog``
+stops it when a peer dies. Both use "nccl" for CUDA devices and "gloo" for CPU.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -317,7 +321,6 @@ class PeerWatchdog:
 
     def __init__(self, store, rank: int, world: int, timeout_s: float, on_failure,
                  interval_s: float | None = None):
-        import threading
         self.store, self.rank, self.world = store, rank, world
         self.timeout_s = float(timeout_s)
         self.interval_s = min(1.0, self.timeout_s / 5) if interval_s is None else interval_s
@@ -334,7 +337,7 @@ class PeerWatchdog:
     def stop(self, status: str = "done") -> None:
         """Stop watching and tell the peers this rank left (``done``, or ``failed: <reason>``)."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not __import__("threading").current_thread():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:
             self.store.set(f"hb/{self.rank}", status)
@@ -427,7 +430,8 @@ def train_distributed(param, gpu: bool = False, weights: str | None = None, snap
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if local_rank >= count:
             raise DataParallelError(f"rank {rank} (LOCAL_RANK {local_rank}) needs GPU {local_rank}, but this "
-                                    f"node has {count} CUDA device(s): start at most {count} processes per node")
+                                    f"node has {count} CUDA device(s): start at most {count} processes "
+                                    "per node")
         torch.cuda.set_device(local_rank)
         _device.set_device(local_rank)
         _device.set_mode_gpu()

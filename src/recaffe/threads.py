@@ -42,7 +42,8 @@ def _parse(value, where: str) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ThreadsError(f"{where}: expected a number of threads (a positive integer), got {value!r}") from None
+        raise ThreadsError(f"{where}: expected a number of threads (a positive integer), "
+                           f"got {value!r}") from None
     if n < 1:
         raise ThreadsError(f"{where}: expected a number of threads (a positive integer), got {value!r}")
     return n

@@ -58,8 +58,8 @@ def _flags() -> FlagSet:
           "snapshot, stop or none.")
     f.add("threads", 0, "Optional (recaffe); CPU threads for torch's kernels (0: $RECAFFE_THREADS, else "
           "torch's default, one per physical core). Fewer threads share a busy machine better.")
-    f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, meant to make a seeded run "
-          "repeat bit for bit on GPU too (slower on GPU; untested on GPU, see docs/gpu.md).")
+    f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, meant to make a "
+          "seeded run repeat bit for bit on GPU too (slower on GPU; untested on GPU, see docs/gpu.md).")
     return f
 
 
