@@ -1,11 +1,12 @@
 """LeNet training on a shared CPU: quiet speed vs. speed while another process keeps a core busy.
 
-    python benchmarks/shared_cpu_bench.py [--seconds 3] [--batch 64] [--pin-busy CPU]
+    python benchmarks/shared_cpu_bench.py [--seconds 2] [--rounds 3] [--batch 64] [--pin-busy CPU]
 
 For each setting, a child process trains LeNet (solver.step on Input blobs, as lenet_bench.py)
 and the same net in plain PyTorch (torch.optim.SGD), first on a quiet machine, then while this
-script runs a busy process (a spinning Python loop; ``--pin-busy 1`` pins it to CPU 1). It prints
-iter/s quiet and loaded and the ratio loaded/quiet, for:
+script runs a busy process (a spinning Python loop; ``--pin-busy 1`` pins it to CPU 1), alternating
+quiet and loaded phases ``--rounds`` times. It prints the median iter/s quiet and loaded and the
+ratio loaded/quiet, for:
 
 - recaffe's default: recaffe imported first, so OMP_WAIT_POLICY=PASSIVE (recaffe.threads), torch's
   default number of threads;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -74,9 +76,8 @@ def child(seconds: float, batch: int) -> None:
         return n / (time.perf_counter() - start)
 
     print("setting", threads.describe(), flush=True)
-    for phase in ("quiet", "loaded"):
-        if phase == "loaded":
-            sys.stdin.readline()  # the parent started the busy process
+    for command in sys.stdin:  # "quiet" or "loaded": the parent has started or stopped the busy process
+        phase = command.strip()
         print(phase, rate(lambda: solver.step(1)), rate(pt_step), flush=True)
 
 
@@ -95,34 +96,46 @@ def run_setting(extra_env: dict, args) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--child", "--seconds", str(args.seconds),
                              "--batch", str(args.batch)], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    out = {}
+    out = {"quiet": [], "loaded": []}
     spinner = None
+
+    def measure(phase):
+        proc.stdin.write(phase + "\n")
+        proc.stdin.flush()
+        key, *values = proc.stdout.readline().split()
+        if key != phase:
+            raise SystemExit(f"the benchmark child failed (exit code {proc.poll()})")
+        out[phase].append(tuple(float(v) for v in values))
+
     try:
-        for line in proc.stdout:
-            key, _, rest = line.strip().partition(" ")
-            if key == "setting":
-                out["setting"] = rest
-            elif key in ("quiet", "loaded"):
-                out[key] = tuple(float(v) for v in rest.split())
-                if key == "quiet":
-                    spinner = busy(args.pin_busy)
-                    time.sleep(0.5)  # let it take its core
-                    proc.stdin.write("go\n")
-                    proc.stdin.flush()
-        if proc.wait() != 0 or "loaded" not in out:
-            raise SystemExit(f"the benchmark child failed (exit code {proc.returncode})")
+        key, _, out["setting"] = proc.stdout.readline().strip().partition(" ")
+        if key != "setting":
+            raise SystemExit(f"the benchmark child failed (exit code {proc.wait()})")
+        for _ in range(args.rounds):  # alternate, so that other load on the machine hits both phases
+            measure("quiet")
+            spinner = busy(args.pin_busy)
+            time.sleep(0.3)  # let it take its core
+            measure("loaded")
+            spinner.kill()
+            spinner.wait()
+            spinner = None
+        proc.stdin.close()
+        proc.wait()
     finally:
         if spinner is not None:
             spinner.kill()
             spinner.wait()
         if proc.poll() is None:
             proc.kill()
+    for phase in ("quiet", "loaded"):
+        out[phase] = tuple(statistics.median(r[i] for r in out[phase]) for i in range(2))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="timing per net and phase")
+    ap.add_argument("--seconds", type=float, default=2.0, help="timing per net, phase and round")
+    ap.add_argument("--rounds", type=int, default=3, help="quiet/loaded alternations (medians are printed)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--pin-busy", type=int, default=None, metavar="CPU", help="pin the busy process to this CPU")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
