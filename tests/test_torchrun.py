@@ -193,3 +193,37 @@ def test_torchrun_environment_detection(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(DataParallelError, match="missing: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
         train_distributed(caffe_pb2.SolverParameter())
+
+
+def test_sighup_then_sigint_to_one_rank_are_acted_on_by_both(tmp_path):
+    """SIGHUP to rank 1: the root snapshots and training goes on; SIGINT to rank 1: both stop at the
+    same iteration and exit 0, the root snapshotting after training (snapshot_after_train). (That
+    only the root snapshots is checked in test_parallel.py.)"""
+    features, labels, n = _data(tmp_path)
+    db = str(tmp_path / "lmdb")
+    _write_db(db, features, labels, range(n))
+    (tmp_path / "net.prototxt").write_text(NET % (db, B))
+    solver_file = tmp_path / "solver.prototxt"
+    solver_file.write_text(SOLVER.format(net=tmp_path / "net.prototxt", max_iter=10**7, display=1000,
+                                         prefix=tmp_path / "s"))
+    procs = _ranks_as_slurm_starts_them(tmp_path, solver_file, {})
+    try:
+        deadline = time.monotonic() + 60
+        while "Iteration 0 " not in (tmp_path / "rank0.log").read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGHUP)
+        while not list(tmp_path.glob("s_iter_*.caffemodel")):
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGINT)
+        codes = _wait(procs, timeout=30)
+    finally:
+        _wait(procs, timeout=0)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
+    assert codes == [0, 0], "\n".join(logs)
+    snapshots = sorted(int(p.name[len("s_iter_"):-len(".caffemodel")])
+                       for p in tmp_path.glob("s_iter_*.caffemodel"))
+    assert len(snapshots) == 2 and snapshots[0] < snapshots[1]  # on SIGHUP, then after the stop
+    assert len(list(tmp_path.glob("s_iter_*.solverstate"))) == 2
+    assert "Optimization Done" in logs[0]
