@@ -113,37 +113,62 @@ def _ranks_as_slurm_starts_them(tmp_path, solver_file, extra_env):
     return procs
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_a_dead_or_frozen_rank_stops_the_other_with_a_clear_error(tmp_path, how):
+def _start_long_training(tmp_path, extra_env):
+    """Two ranks training 'forever' (env:// launch), returned once both are past their first update."""
     features, labels, n = _data(tmp_path)
     db = str(tmp_path / "lmdb")
     _write_db(db, features, labels, range(n))
     (tmp_path / "net.prototxt").write_text(NET % (db, B))
     solver_file = tmp_path / "solver.prototxt"
     solver_file.write_text(SOLVER.format(net=tmp_path / "net.prototxt", max_iter=10**7, display=1000,
-                                         prefix=tmp_path / "x"))
-    procs = _ranks_as_slurm_starts_them(tmp_path, solver_file, {"RECAFFE_PEER_TIMEOUT": "3"})
+                                         prefix=tmp_path / "s"))
+    procs = _ranks_as_slurm_starts_them(tmp_path, solver_file, extra_env)
+    # Rank 0 displays iteration 0 after the first all-reduce: both ranks are training.
+    _wait_until(lambda: "Iteration 0 " in (tmp_path / "rank0.log").read_text(), procs, tmp_path)
+    return procs
+
+
+def _wait_until(condition, procs, tmp_path, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
+        time.sleep(0.1)
+
+
+def _rank0_exit_after(procs, how):
+    """Send `how` to rank 1; rank 0's exit code, how long it took to exit."""
+    os.kill(procs[1].pid, how)
+    start = time.monotonic()
+    code = procs[0].wait(timeout=30)
+    return code, time.monotonic() - start
+
+
+def test_sighup_to_one_rank_then_killing_it_stops_the_other_with_a_clear_error(tmp_path):
+    procs = _start_long_training(tmp_path, {"RECAFFE_PEER_TIMEOUT": "3"})
     try:
-        deadline = time.monotonic() + 60
-        # Rank 0 displays iteration 0 after the first all-reduce: both ranks are training.
-        while "Iteration 0 " not in (tmp_path / "rank0.log").read_text():
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
-            time.sleep(0.1)
-        os.kill(procs[1].pid, how)
-        start = time.monotonic()
-        code = procs[0].wait(timeout=30)
-        elapsed = time.monotonic() - start
+        # SIGHUP reaching rank 1 only: all ranks agree, the root snapshots, training goes on.
+        os.kill(procs[1].pid, signal.SIGHUP)
+        _wait_until(lambda: list(tmp_path.glob("s_iter_*.solverstate")), procs, tmp_path)
+        assert procs[1].poll() is None
+        code, elapsed = _rank0_exit_after(procs, signal.SIGKILL)
     finally:
-        _wait(procs, timeout=0)  # kills what is left (a frozen rank too)
+        _wait(procs, timeout=0)  # kills what is left
     log = (tmp_path / "rank0.log").read_text()
-    assert code != 0
-    assert elapsed < 15, log
-    if how == signal.SIGSTOP:  # only the watchdog notices a frozen peer (gloo would wait for it)
-        assert code == 3
-        assert "caffe train: error: rank 0 of 2: stopping: rank 1 has sent no heartbeat for 3 s" in log, log
-    else:  # gloo sees the closed connection at once (NCCL would not: then the watchdog does)
-        assert ("caffe train: error: rank 0 of 2: the collective operation all_reduce failed" in log
-                or "caffe train: error: rank 0 of 2: stopping: rank 1 has sent no heartbeat" in log), log
+    assert code != 0 and elapsed < 15, log
+    # gloo sees the closed connection at once (NCCL would not: then the watchdog does)
+    assert ("caffe train: error: rank 0 of 2: the collective operation all_reduce failed" in log
+            or "caffe train: error: rank 0 of 2: stopping: rank 1 has sent no heartbeat" in log), log
+
+
+def test_a_frozen_rank_stops_the_other_through_the_watchdog(tmp_path):
+    procs = _start_long_training(tmp_path, {"RECAFFE_PEER_TIMEOUT": "3"})
+    try:
+        code, elapsed = _rank0_exit_after(procs, signal.SIGSTOP)  # gloo alone would wait for it
+    finally:
+        _wait(procs, timeout=0)  # kills the frozen rank too
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == 3 and elapsed < 15, log
+    assert "caffe train: error: rank 0 of 2: stopping: rank 1 has sent no heartbeat for 3 s" in log, log
 
 
 class _Store(dict):
@@ -194,36 +219,3 @@ def test_torchrun_environment_detection(monkeypatch):
     with pytest.raises(DataParallelError, match="missing: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
         train_distributed(caffe_pb2.SolverParameter())
 
-
-def test_sighup_then_sigint_to_one_rank_are_acted_on_by_both(tmp_path):
-    """SIGHUP to rank 1: the root snapshots and training goes on; SIGINT to rank 1: both stop at the
-    same iteration and exit 0, the root snapshotting after training (snapshot_after_train). (That
-    only the root snapshots is checked in test_parallel.py.)"""
-    features, labels, n = _data(tmp_path)
-    db = str(tmp_path / "lmdb")
-    _write_db(db, features, labels, range(n))
-    (tmp_path / "net.prototxt").write_text(NET % (db, B))
-    solver_file = tmp_path / "solver.prototxt"
-    solver_file.write_text(SOLVER.format(net=tmp_path / "net.prototxt", max_iter=10**7, display=1000,
-                                         prefix=tmp_path / "s"))
-    procs = _ranks_as_slurm_starts_them(tmp_path, solver_file, {})
-    try:
-        deadline = time.monotonic() + 60
-        while "Iteration 0 " not in (tmp_path / "rank0.log").read_text():
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
-            time.sleep(0.1)
-        os.kill(procs[1].pid, signal.SIGHUP)
-        while not list(tmp_path.glob("s_iter_*.caffemodel")):
-            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
-            time.sleep(0.1)
-        os.kill(procs[1].pid, signal.SIGINT)
-        codes = _wait(procs, timeout=30)
-    finally:
-        _wait(procs, timeout=0)
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
-    assert codes == [0, 0], "\n".join(logs)
-    snapshots = sorted(int(p.name[len("s_iter_"):-len(".caffemodel")])
-                       for p in tmp_path.glob("s_iter_*.caffemodel"))
-    assert len(snapshots) == 2 and snapshots[0] < snapshots[1]  # on SIGHUP, then after the stop
-    assert len(list(tmp_path.glob("s_iter_*.solverstate"))) == 2
-    assert "Optimization Done" in logs[0]
