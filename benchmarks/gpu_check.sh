@@ -2,7 +2,7 @@
 # recaffe on a CUDA machine: one run that says whether GPU mode works, and how fast it is.
 #
 #   pip install -e '.[test]'
-#   bash benchmarks/gpu_check.sh                 # on a machine with a CUDA GPU (about 5 minutes on one H200)
+#   bash benchmarks/gpu_check.sh                 # on a machine with a CUDA GPU (sized for < 8 min on one H200; not yet run)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same steps, small, on the CPU: checks this script
 #
 # Checks, in order (each with a time limit), then one summary table; the exit status is 1 when a

@@ -1,7 +1,7 @@
 """Multi-node training (recaffe.parallel.train_distributed): `caffe train` under torchrun, as two
 nodes of one process each on loopback (two torchrun processes, CPU/gloo). The result equals one
-solver with iter_size 2 on the same batches; a rank that dies or freezes stops the other with a
-clear error instead of a hang."""
+solver with iter_size 2 on the same batches; a SIGHUP to one rank is acted on by all; a rank that
+dies or freezes stops the other with a clear error instead of a hang."""
 import os
 import signal
 import socket
