@@ -7,8 +7,9 @@ region) makes every other thread wait for it, and LeNet training falls to a smal
 quiet speed. With ``OMP_WAIT_POLICY=PASSIVE`` the waiting threads sleep at once and give the core
 back. The policy is read once, when torch's OpenMP runtime loads (``import torch``), so
 ``prepare_environment()`` runs when recaffe is imported, before torch: it sets
-``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set already (yours wins). A program that
-imported torch before recaffe keeps OpenMP's default; set the variable in its environment.
+``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set already (yours wins); processes started
+afterwards inherit it. A program that imported torch before recaffe keeps OpenMP's default; set
+the variable in its environment.
 
 The number of intra-op threads is torch's default (one per physical core) unless
 ``RECAFFE_THREADS`` (environment), ``-threads N`` (caffe train/test/time) or
