@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from recaffe.parallel import DataParallelError, PeerWatchdog, launched_by_torchrun, train_distributed
 from recaffe.proto import caffe_pb2
@@ -219,3 +220,12 @@ def test_torchrun_environment_detection(monkeypatch):
     with pytest.raises(DataParallelError, match="missing: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
         train_distributed(caffe_pb2.SolverParameter())
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_mode_under_torchrun_without_a_gpu_is_a_clear_error(monkeypatch):
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(DataParallelError, match=r"rank 1 \(LOCAL_RANK 0\) needs GPU 0, but this node has 0 CUDA"):
+        train_distributed(caffe_pb2.SolverParameter(), gpu=True)
