@@ -13,6 +13,19 @@ LAYER_CASES = sorted(os.listdir(REFERENCE / "layers")) if (REFERENCE / "layers")
 SOLVER_CASES = sorted(os.listdir(REFERENCE / "solvers")) if (REFERENCE / "solvers").is_dir() else ["(missing)"]
 
 
+# Looser tolerances for GPU runs (RECAFFE_TEST_DEVICE=cuda), only for cases where GPU algorithms
+# (cuDNN's convolution algorithms, parallel reduction orders) differ from Caffe's CPU reference:
+# case -> (rtol, atol, why). Empty until a GPU run shows a need; each entry says why.
+GPU_TOLERANCES: dict[str, tuple[float, float, str]] = {}
+
+
+def tolerances(case: str, meta: dict, device: str) -> tuple[float, float]:
+    rtol, atol = meta["rtol"], meta["atol"]
+    if device == "cuda" and case in GPU_TOLERANCES:
+        rtol, atol = max(rtol, GPU_TOLERANCES[case][0]), max(atol, GPU_TOLERANCES[case][1])
+    return rtol, atol
+
+
 def assert_close(ours, ref, rtol, atol, what):
     ours = np.asarray(ours, "f8")
     ref = np.asarray(ref, "f8")
@@ -22,11 +35,11 @@ def assert_close(ours, ref, rtol, atol, what):
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)
-def test_layer_case(case):
+def test_layer_case(case, test_device):
     d = require_reference("layers", case)
     meta = json.loads((d / "case.json").read_text())
     z = np.load(d / "case.npz")
-    rtol, atol = meta["rtol"], meta["atol"]
+    rtol, atol = tolerances(case, meta, test_device)
     phase = caffe.TRAIN if meta["phase"] == "TRAIN" else caffe.TEST
     net = caffe.Net(str(d / "net.prototxt"), phase, weights=str(d / "weights.caffemodel"))
     entries = [(k, k.split("__")) for k in z.files]
@@ -55,9 +68,10 @@ def test_layer_case(case):
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES)
-def test_solver_case(case, monkeypatch):
+def test_solver_case(case, monkeypatch, test_device):
     d = require_reference("solvers", case)
     meta = json.loads((d / "case.json").read_text())
+    meta["rtol"], meta["atol"] = tolerances(case, meta, test_device)
     z = np.load(d / "trajectory.npz")
     monkeypatch.chdir(d)
     solver = caffe.get_solver("solver.prototxt")

@@ -1,7 +1,8 @@
 """Caffe's global mode: CPU or GPU (CUDA through torch), and which GPU; determinism on demand.
 
 Nets created after ``set_mode_gpu()`` live on ``cuda:<device id>``; nets created before keep their
-device. ``set_mode_gpu`` without a CUDA build or device raises a clear error.
+device. ``set_mode_gpu`` without a CUDA build or device raises a clear error. GPU mode is untested
+until a run of ``benchmarks/gpu_check.sh`` on a CUDA machine has passed (see docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -27,8 +28,13 @@ def set_mode_cpu() -> None:
 
 
 def set_mode_gpu() -> None:
+    """Nets created from now on live on the current GPU. GPU mode computes in full float32, as
+    Caffe's cuBLAS/cuDNN calls do: TF32 (torch's default for cuDNN convolutions on Ampere and later)
+    is turned off for convolutions and matrix products."""
     global _mode
     _require_cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     _mode = "gpu"
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import device as _device
 from . import rng
 from .blob import Blob
 from .layer import Layer, create_layer
@@ -36,18 +37,21 @@ def layer_param(text_or_param: str | caffe_pb2.LayerParameter, phase: int = caff
 
 
 def make_layer(param, bottoms: Sequence[np.ndarray], num_tops: int = 1, dtype=torch.float64,
-               phase: int = caffe_pb2.TRAIN, seed: int = 1701) -> tuple[Layer, list[Blob], list[Blob]]:
-    """Create and set up a layer on float64 bottom blobs holding ``bottoms``."""
+               phase: int = caffe_pb2.TRAIN, seed: int = 1701,
+               device=None) -> tuple[Layer, list[Blob], list[Blob]]:
+    """Create and set up a layer on float64 bottom blobs holding ``bottoms``, on ``device``
+    (default: the current mode's device, so GPU mode checks the GPU kernels)."""
+    device = _device.current_device() if device is None else torch.device(device)
     rng.set_random_seed(seed)
     p = layer_param(param, phase)
-    layer = create_layer(p, dtype=dtype)
+    layer = create_layer(p, dtype=dtype, device=device)
     bottom = []
     for arr in bottoms:
         arr = np.asarray(arr)
-        b = Blob(arr.shape, dtype)
-        b.data_t = torch.as_tensor(arr, dtype=dtype).clone()
+        b = Blob(arr.shape, dtype, device)
+        b.data_t = torch.as_tensor(arr, dtype=dtype).clone().to(device)
         bottom.append(b)
-    top = [Blob((), dtype) for _ in range(num_tops)]
+    top = [Blob((), dtype, device) for _ in range(num_tops)]
     layer.setup(bottom, top)
     return layer, bottom, top
 
@@ -85,7 +89,8 @@ def check_gradient(param, bottoms: Sequence[np.ndarray], *, num_tops: int = 1,
 
     rng.set_random_seed(seed)
     layer.run_forward(bottom, top)
-    proj = [torch.as_tensor(gen.standard_normal(t.shape), dtype=torch.float64) for t in top]
+    device = layer.device
+    proj = [torch.as_tensor(gen.standard_normal(t.shape), dtype=torch.float64).to(device) for t in top]
     # analytic gradients
     objective()
     for t, r in zip(top, proj):
@@ -93,7 +98,7 @@ def check_gradient(param, bottoms: Sequence[np.ndarray], *, num_tops: int = 1,
     for b in layer.blobs:
         b.diff_t.zero_()
     for i, b in enumerate(bottom):
-        b.diff_t = torch.zeros(b.shape, dtype=torch.float64)
+        b.diff_t = torch.zeros(b.shape, dtype=torch.float64, device=device)
     propagate = [i in check_bottoms for i in range(len(bottom))]
     saved_ppd = list(layer.param_propagate_down)
     layer.param_propagate_down = [check_params] * len(layer.blobs)

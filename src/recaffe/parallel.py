@@ -13,16 +13,22 @@ What Caffe does (parallel.cpp, solver.cpp, data_layer.cpp, tools/caffe.cpp) and 
   Caffe 1.0's DataLayer::Skip); TEST nets read everything;
 - only the root solver tests, displays, snapshots and logs; the others only ``step``.
 
-Choices: the process group is initialized from a file in a temporary folder (no TCP port), with
-"nccl" for CUDA devices and "gloo" for CPU; an error in any rank stops all ranks and is raised
-in the launching process (Caffe would hang or abort).
+Two launchers: ``train_data_parallel`` (``caffe train -gpu 0,1``) spawns one process per device
+on this machine and initializes the group from a file in a temporary folder (no TCP port); an
+error in any rank stops all ranks and is raised in the launching process (Caffe would hang or
+abort). ``train_distributed`` (``caffe train`` under torchrun, docs/distributed.md) is one rank of
+a group that may span machines, with the global RANK as the solver rank; a ``PeerWatchdog``
+stops it when a peer dies. Both use "nccl" for CUDA devices and "gloo" for CPU.
 """
 from __future__ import annotations
 
 import datetime
 import glob
+import logging
 import os
+import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -40,6 +46,22 @@ _solver_count = 1
 
 class DataParallelError(RecaffeError, RuntimeError):
     pass
+
+
+class CollectiveError(DataParallelError):
+    """A collective operation failed: usually another rank died or its node became unreachable."""
+
+
+def _collective(fn, /, *args, **kwargs):
+    """Run a torch.distributed collective; its failure (gloo raises a plain RuntimeError, NCCL a
+    DistBackendError) becomes a CollectiveError that says what probably happened."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        import torch.distributed as dist
+        where = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+        raise CollectiveError(f"{where}: the collective operation {fn.__name__} failed, most likely because "
+                              f"another rank died or its node became unreachable: {e}") from None
 
 
 def solver_rank_and_count() -> tuple[int, int]:
@@ -88,7 +110,7 @@ def broadcast_params(params) -> None:
     """Give every rank the root's param values."""
     import torch.distributed as dist
     for blob in params:
-        dist.broadcast(blob.data_t, src=0)
+        _collective(dist.broadcast, blob.data_t, src=0)
 
 
 def average_diffs(params, world: int) -> None:
@@ -96,7 +118,7 @@ def average_diffs(params, world: int) -> None:
     import torch.distributed as dist
     diffs = [b.diff_t for b in params]
     flat = torch.cat([d.reshape(-1) for d in diffs])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
     flat.mul_(1.0 / world)
     offset = 0
     for d in diffs:
@@ -187,7 +209,7 @@ def _agree_on_actions(solver, rank: int) -> None:
 
     def exchange():
         code = torch.tensor([ACTIONS.index(own() if own else "none")], dtype=torch.int32)
-        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        _collective(dist.all_reduce, code, op=dist.ReduceOp.MAX)
         decided[0] = ACTIONS[int(code)]
 
     def action():
@@ -239,6 +261,9 @@ def _worker(rank, world, devices, init_file, backend, solver_bytes, source, weig
 
 
 def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, on_finish, action_request):
+    """One rank's training: build the solver (seeded random_seed + rank), restore or finetune,
+    join the group's averaging, train (the root with solve(), the others with step()), then wait
+    for all ranks."""
     from .proto import caffe_pb2
     from .solvers import create_solver
     import torch.distributed as dist
@@ -265,7 +290,7 @@ def _train_rank(rank, world, solver_bytes, source, weights, snapshot, on_start, 
         solver.step(solver.param.max_iter - solver.iter)
     if on_finish is not None:
         on_finish(rank, solver)
-    dist.barrier()
+    _collective(dist.barrier)
 
 
 def train_data_parallel(solver_file_or_param, devices, backend: str | None = None,
@@ -329,3 +354,198 @@ def _first_error(init_file: str) -> str | None:
         return None
     _, rank, trace = min(errors)
     return f"data-parallel training failed in rank {rank}:\n{trace}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node training: `caffe train` started by torchrun (or any launcher that sets torch's env://
+# variables), one process per solver, the processes possibly on several machines.
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+PEER_TIMEOUT_ENV = "RECAFFE_PEER_TIMEOUT"  # seconds without a heartbeat before a peer counts as dead
+COLLECTIVE_TIMEOUT_ENV = "RECAFFE_COLLECTIVE_TIMEOUT"  # seconds one collective may wait (slow root tests)
+DEFAULT_PEER_TIMEOUT_S = 15.0
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+EXIT_PEER_LOST = 3  # the exit code of a rank stopped by its watchdog
+
+
+def launched_by_torchrun(environ=None) -> bool:
+    """True when the env:// rendezvous variables are set (torchrun, or a Slurm script that sets
+    them) for a group of more than one process."""
+    env = os.environ if environ is None else environ
+    if not all(env.get(v) for v in TORCHRUN_VARS):
+        return False
+    try:
+        return int(env["WORLD_SIZE"]) > 1
+    except ValueError:
+        raise DataParallelError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number") from None
+
+
+def _env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DataParallelError(f"{name}={value!r}: expected a number of seconds") from None
+    if seconds <= 0:
+        raise DataParallelError(f"{name}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+class PeerWatchdog:
+    """Notices a rank that died, was stopped, or lost its network, instead of waiting in the next
+    collective until its timeout (NCCL can wait forever; gloo notices a closed connection but not a
+    stopped process).
+
+    Each rank writes a counter to ``hb/<rank>`` in the rendezvous store every ``interval_s``
+    from a thread; a peer whose counter has not moved for ``timeout_s`` (or that wrote
+    ``failed: <reason>``), or a store that stays unreachable that long, calls
+    ``on_failure(message)`` once. A rank that finished writes ``done`` and is no longer watched.
+    The heartbeat runs in its own thread, so a rank busy in a long computation or waiting in a
+    collective still counts as alive; only a dead or frozen process stops it.
+    """
+
+    def __init__(self, store, rank: int, world: int, timeout_s: float, on_failure,
+                 interval_s: float | None = None):
+        self.store, self.rank, self.world = store, rank, world
+        self.timeout_s = float(timeout_s)
+        self.interval_s = min(1.0, self.timeout_s / 5) if interval_s is None else interval_s
+        self.on_failure = on_failure
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recaffe-peer-watchdog", daemon=True)
+        self.failure: str | None = None
+
+    def start(self) -> "PeerWatchdog":
+        self.store.set(f"hb/{self.rank}", "0")
+        self._thread.start()
+        return self
+
+    def stop(self, status: str = "done") -> None:
+        """Stop watching and tell the peers this rank left (``done``, or ``failed: <reason>``)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            self.store.set(f"hb/{self.rank}", status)
+        except Exception:  # noqa: BLE001 - the store may be gone already; the peers notice that too
+            pass
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        seen = {r: (None, now) for r in range(self.world) if r != self.rank}  # last value, since when
+        store_ok = now
+        beat = 0
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            beat += 1
+            try:
+                self.store.set(f"hb/{self.rank}", str(beat))
+                for r in list(seen):
+                    key = f"hb/{r}"
+                    value = self.store.get(key).decode() if self.store.check([key]) else None
+                    if value == "done":
+                        del seen[r]
+                    elif value is not None and value.startswith("failed"):
+                        return self._fail(f"rank {r} {value}")
+                    elif value != seen[r][0]:
+                        seen[r] = (value, now)
+                    elif now - seen[r][1] > self.timeout_s:
+                        what = "has sent no heartbeat" if value is not None else "never started its heartbeat"
+                        return self._fail(f"rank {r} {what} for {self.timeout_s:g} s: it died, was "
+                                          "stopped, or its node became unreachable")
+                store_ok = now
+            except Exception as e:  # noqa: BLE001 - the store's host (rank 0 or torchrun's agent) left
+                if now - store_ok > self.timeout_s:
+                    return self._fail(f"the rendezvous store has been unreachable for {self.timeout_s:g} s "
+                                      f"(its host, rank 0's node, probably died): {e}")
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.on_failure(message)
+
+
+def _exit_on_peer_failure(rank: int, world: int):
+    def on_failure(message: str) -> None:
+        text = (f"rank {rank} of {world}: stopping: {message}. The other ranks cannot go on without it; "
+                "restart the job (from the last snapshot with -snapshot).")
+        log.error("%s", text)
+        print(f"caffe train: error: {text}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_PEER_LOST)  # the main thread may be blocked in a collective: leave now
+    return on_failure
+
+
+def _store_client(timeout_s: float):
+    """A connection of its own to the rendezvous store (torchrun's agent or rank 0 hosts it)."""
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "") + "/" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"recaffe/{run}/", store)
+
+
+def train_distributed(param, gpu: bool = False, weights: str | None = None, snapshot: str | None = None,
+                      source: str | None = None, sigint_effect: str = "stop",
+                      sighup_effect: str = "snapshot", on_start=None, on_finish=None,
+                      peer_timeout_s: float | None = None, timeout_s: float | None = None) -> None:
+    """This process's share of a training started by torchrun (env:// rendezvous): the same
+    semantics as ``caffe train -gpu 0,1`` (see the module's docstring) with the global RANK as
+    the solver rank, so Data/HDF5Data layers split records across all processes of all nodes.
+
+    ``gpu``: GPU mode on the GPU LOCAL_RANK of this node (backend nccl); otherwise CPU with gloo.
+    A peer that dies or freezes stops this rank within ``peer_timeout_s`` (env
+    RECAFFE_PEER_TIMEOUT, default 15 s) with exit code 3; ``timeout_s`` (env
+    RECAFFE_COLLECTIVE_TIMEOUT, default 1800 s) bounds one collective, which must outlast the
+    root's tests and snapshots. Errors are raised as DataParallelError naming the rank.
+    """
+    import torch.distributed as dist
+    from . import device as _device
+
+    if not launched_by_torchrun():
+        missing = [v for v in TORCHRUN_VARS if not os.environ.get(v)]
+        raise DataParallelError("train_distributed needs torchrun's environment (RANK, WORLD_SIZE > 1, "
+                                f"MASTER_ADDR, MASTER_PORT); missing: {', '.join(missing) or 'none'}")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    peer_timeout_s = peer_timeout_s or _env_seconds(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT_S)
+    timeout_s = timeout_s or _env_seconds(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
+    if snapshot and weights:
+        raise DataParallelError("Give a snapshot to resume training or weights to finetune but not both.")
+    SignalHandler(sigint_effect, sighup_effect)  # checks the effects before joining the group
+    if gpu:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= count:
+            raise DataParallelError(f"rank {rank} (LOCAL_RANK {local_rank}) needs GPU {local_rank}, but this "
+                                    f"node has {count} CUDA device(s): start at most {count} processes "
+                                    "per node")
+        torch.cuda.set_device(local_rank)
+        _device.set_device(local_rank)
+        _device.set_mode_gpu()
+        backend = "nccl"
+    else:
+        _device.set_mode_cpu()
+        backend = "gloo"
+    if rank != 0:
+        set_log_level(1)  # Caffe logs only from the root solver
+    log.info("Rank %d of %d (local rank %d) on %s, backend %s, rendezvous %s:%s", rank, world, local_rank,
+             f"cuda:{local_rank}" if gpu else "cpu", backend, os.environ["MASTER_ADDR"],
+             os.environ["MASTER_PORT"])
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    watchdog = None
+    status = "done"
+    try:
+        watchdog = PeerWatchdog(_store_client(peer_timeout_s), rank, world, peer_timeout_s,
+                                _exit_on_peer_failure(rank, world)).start()
+        with SignalHandler(sigint_effect, sighup_effect) as handler:
+            _train_rank(rank, world, param.SerializeToString(), source, weights, snapshot, on_start,
+                        on_finish, handler.action)
+    except BaseException as e:
+        status = f"failed: {type(e).__name__}: {e}".splitlines()[0][:500]
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop(status)
+        if status == "done":
+            dist.destroy_process_group()

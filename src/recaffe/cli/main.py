@@ -11,8 +11,10 @@ import time as _time
 
 from .. import device as _device
 from ..errors import RecaffeError
+from .. import threads as _threads
 from ..io.netfiles import read_solver_text
 from ..log import get_logger
+from ..parallel import DataParallelError, launched_by_torchrun
 from ..proto import caffe_pb2
 from ..signals import SignalHandler
 from .flags import FlagError, FlagSet
@@ -58,8 +60,10 @@ def _flags() -> FlagSet:
           "snapshot, stop or none.")
     f.add("sighup_effect", "snapshot", "Optional; action to take when a SIGHUP signal is received: "
           "snapshot, stop or none.")
-    f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, so that a seeded run "
-          "repeats bit for bit on GPU too (slower on GPU).")
+    f.add("threads", 0, "Optional (recaffe); CPU threads for torch's kernels (0: $RECAFFE_THREADS, else "
+          "torch's default, one per physical core). Fewer threads share a busy machine better.")
+    f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, meant to make a "
+          "seeded run repeat bit for bit on GPU too (slower on GPU; untested on GPU, see docs/gpu.md).")
     return f
 
 
@@ -117,6 +121,15 @@ def train(flags: dict) -> int:
     if not gpu and param.HasField("solver_mode") and param.solver_mode == caffe_pb2.SolverParameter.GPU \
             and _torch_device_count() > 0:
         gpu = str(param.device_id)
+    if launched_by_torchrun():
+        # Started by torchrun (one process per solver, maybe on several nodes): this process is
+        # one rank; in GPU mode it uses its node's GPU LOCAL_RANK, whatever -gpu lists.
+        from ..parallel import train_distributed
+        train_distributed(param, gpu=bool(gpu), weights=flags["weights"] or None,
+                          snapshot=flags["snapshot"] or None, source=flags["solver"],
+                          sigint_effect=flags["sigint_effect"], sighup_effect=flags["sighup_effect"])
+        log.info("Optimization Done.")
+        return 0
     ids = _gpu_ids(gpu) if gpu else []
     if len(ids) > 1:
         # One solver per GPU, gradients averaged (Caffe's NCCL training): recaffe.parallel.
@@ -323,6 +336,14 @@ def _command(command: str, rest: list[str]) -> int:
     flags, positional = _flags().parse(rest)
     if positional:
         raise FlagError(f"unexpected argument(s): {' '.join(positional)}")
+    if flags["threads"] < 0:
+        raise FlagError(f"-threads must be a positive number of threads (or 0 for the default), "
+                        f"got {flags['threads']}")
+    if flags["threads"]:
+        _threads.set_num_threads(flags["threads"])
+        os.environ[_threads.THREADS_ENV] = str(flags["threads"])  # for data-parallel ranks too
+    if command in ("train", "test", "time"):
+        log.info("CPU: %s", _threads.describe())
     if flags["deterministic"]:
         log.info("Using deterministic algorithms only.")
         _device.set_deterministic(True)
