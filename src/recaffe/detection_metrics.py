@@ -122,7 +122,12 @@ def run_detection_test(solver, test_net_id: int) -> dict[str, float]:
             return {}
         total_loss += net.forward_loss()
         for name, tally in zip(net.outputs, tallies):
-            tally.add(net.blobs[name].data, f"test net output {name!r}")
+            try:
+                tally.add(net.blobs[name].data, f"test net output {name!r}")
+            except ValueError as e:
+                from .solvers.solver import SolverError
+                raise SolverError(f"eval_type \"detection\": {e}; every output of a detection test net "
+                                  "must be a DetectionEvaluate top") from None
     if p.test_compute_loss:
         log.info("Test loss: %g", total_loss / iters)
     out = {}
