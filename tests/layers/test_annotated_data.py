@@ -6,13 +6,8 @@ from helpers import make_net
 from PIL import Image
 
 from recaffe.data.annoset import convert_annoset
-from recaffe.data.annotated_transform import (
-    bgr_to_hsv,
-    generate_batch_samples,
-    hsv_to_bgr,
-    jaccard,
-    satisfies,
-)
+from recaffe.data.annotated_transform import (bgr_to_hsv, coverage, generate_batch_samples, hsv_to_bgr,
+                                              jaccard, sample_boxes, satisfied, satisfies)
 from recaffe.layer import LayerError
 from recaffe.proto import caffe_pb2
 
@@ -147,3 +142,50 @@ def test_errors(tmp_path):
         net(db, 1, "crop_size: 100").forward()
     with pytest.raises(LayerError, match="max_trials"):
         net(db, 1, "", "batch_sampler { max_trials: 0 }")
+
+
+def fork_satisfies(sample, objects, c):
+    """SatisfySampleConstraint written out as the fork's loop (found persists across objects)."""
+    has_j = c.HasField("min_jaccard_overlap") or c.HasField("max_jaccard_overlap")
+    has_s = c.HasField("min_sample_coverage") or c.HasField("max_sample_coverage")
+    has_o = c.HasField("min_object_coverage") or c.HasField("max_object_coverage")
+    if not (has_j or has_s or has_o):
+        return True
+    found = False
+    for obj in objects:
+        if has_j:
+            v = jaccard(sample, obj[None])[0]
+            if (c.HasField("min_jaccard_overlap") and v < c.min_jaccard_overlap) or \
+                    (c.HasField("max_jaccard_overlap") and v > c.max_jaccard_overlap):
+                continue
+            found = True
+        if has_s:
+            v = coverage(sample, obj[None])[0]
+            if (c.HasField("min_sample_coverage") and v < c.min_sample_coverage) or \
+                    (c.HasField("max_sample_coverage") and v > c.max_sample_coverage):
+                continue
+            found = True
+        if has_o:
+            v = coverage(obj, sample[None])[0]
+            if (c.HasField("min_object_coverage") and v < c.min_object_coverage) or \
+                    (c.HasField("max_object_coverage") and v > c.max_object_coverage):
+                continue
+            found = True
+        if found:
+            return True
+    return found
+
+
+@pytest.mark.parametrize("constraint", [
+    dict(min_jaccard_overlap=0.3), dict(max_jaccard_overlap=0.2), dict(min_sample_coverage=0.5),
+    dict(min_object_coverage=0.8, max_object_coverage=1.0), dict(min_jaccard_overlap=0.5, min_object_coverage=0.99),
+    dict(min_sample_coverage=0.2, max_object_coverage=0.5), {}])
+def test_vectorized_constraint_matches_the_forks_loop(constraint):
+    rng = np.random.default_rng(5)
+    c = caffe_pb2.SampleConstraint(**constraint)
+    s = caffe_pb2.Sampler(min_scale=0.2, max_scale=1.0, min_aspect_ratio=0.5, max_aspect_ratio=2.0)
+    samples = sample_boxes(s, 300, rng)
+    objects = np.array([[0.1, 0.1, 0.5, 0.6], [0.6, 0.5, 0.9, 0.9], [0.3, 0.3, 0.4, 0.35]])
+    want = [fork_satisfies(x, objects, c) for x in samples]
+    assert satisfied(samples, objects, c).tolist() == want
+    assert any(want)

@@ -124,70 +124,95 @@ def project_boxes(src: np.ndarray, boxes: Boxes, emit: caffe_pb2.EmitConstraint 
 
 
 # ------------------------------------------------------------------ batch samplers (sampler.cpp)
+def _constraint_kind(c: caffe_pb2.SampleConstraint):
+    """The kind of constraint the fork's SatisfySampleConstraint effectively tests, with its bounds.
+
+    The fork walks the objects and, per object, the jaccard, sample-coverage and object-coverage
+    checks in that order; a check that fails moves on to the next object, but ``found`` stays set by
+    an earlier kind and is what the function returns. So a sample qualifies exactly when some object
+    passes the *first* kind of constraint that is set; the later kinds never decide. We follow that.
+    """
+    for kind in ("jaccard_overlap", "sample_coverage", "object_coverage"):
+        lo, hi = f"min_{kind}", f"max_{kind}"
+        if c.HasField(lo) or c.HasField(hi):
+            return kind, (getattr(c, lo) if c.HasField(lo) else None), (getattr(c, hi) if c.HasField(hi) else None)
+    return None, None, None
+
+
+def _pairwise(kind: str, samples: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """``[T, G]`` jaccard overlaps or coverages of samples and objects (SSD's float arithmetic)."""
+    a, b = samples[:, None, :], objects[None, :, :]
+    disjoint = (b[..., 0] > a[..., 2]) | (b[..., 2] < a[..., 0]) | (b[..., 1] > a[..., 3]) | (b[..., 3] < a[..., 1])
+    w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = np.where(disjoint, 0.0, w * h)
+    area_s, area_o = _areas(a), _areas(b)
+    if kind == "jaccard_overlap":
+        denom = area_s + area_o - inter
+    elif kind == "sample_coverage":
+        denom = np.broadcast_to(area_s, inter.shape)
+    else:
+        denom = np.broadcast_to(area_o, inter.shape)
+    return np.where(inter > 0, inter / np.where(denom > 0, denom, 1), 0.0)
+
+
+def satisfied(samples: np.ndarray, objects: np.ndarray, c: caffe_pb2.SampleConstraint) -> np.ndarray:
+    """For ``samples [T, 4]``: whether each meets the constraint (the fork's SatisfySampleConstraint)."""
+    kind, lo, hi = _constraint_kind(c)
+    if kind is None:
+        return np.ones(len(samples), dtype=bool)
+    if len(objects) == 0:
+        return np.zeros(len(samples), dtype=bool)
+    v = _pairwise(kind, samples, np.asarray(objects, dtype=np.float64))
+    ok = np.ones_like(v, dtype=bool)
+    if lo is not None:
+        ok &= v >= lo
+    if hi is not None:
+        ok &= v <= hi
+    return ok.any(axis=1)
+
+
 def satisfies(sample: np.ndarray, objects: np.ndarray, c: caffe_pb2.SampleConstraint) -> bool:
-    """The fork's SatisfySampleConstraint, including its quirk: once one kind of constraint has been
-    met by some object, a later object's failure of another kind no longer matters."""
-    has_j = c.HasField("min_jaccard_overlap") or c.HasField("max_jaccard_overlap")
-    has_s = c.HasField("min_sample_coverage") or c.HasField("max_sample_coverage")
-    has_o = c.HasField("min_object_coverage") or c.HasField("max_object_coverage")
-    if not (has_j or has_s or has_o):
-        return True
-    found = False
-    for obj in objects:
-        if has_j:
-            v = jaccard(sample, obj[None])[0]
-            if (c.HasField("min_jaccard_overlap") and v < c.min_jaccard_overlap) or \
-                    (c.HasField("max_jaccard_overlap") and v > c.max_jaccard_overlap):
-                continue
-            found = True
-        if has_s:
-            v = coverage(sample, obj[None])[0]
-            if (c.HasField("min_sample_coverage") and v < c.min_sample_coverage) or \
-                    (c.HasField("max_sample_coverage") and v > c.max_sample_coverage):
-                continue
-            found = True
-        if has_o:
-            v = coverage(obj, sample[None])[0]
-            if (c.HasField("min_object_coverage") and v < c.min_object_coverage) or \
-                    (c.HasField("max_object_coverage") and v > c.max_object_coverage):
-                continue
-            found = True
-        if found:
-            return True
-    return found
+    """One sample: :func:`satisfied`."""
+    return bool(satisfied(np.asarray(sample, dtype=np.float64)[None], objects, c)[0])
 
 
-def sample_box(s: caffe_pb2.Sampler, rng: np.random.Generator) -> np.ndarray:
-    """The fork's SampleBBox: a box of random scale and aspect ratio at a random place."""
+def sample_boxes(s: caffe_pb2.Sampler, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of the fork's SampleBBox draws at once: boxes of random scale and aspect ratio."""
     if not (0 < s.min_scale <= s.max_scale <= 1):
         raise TransformError(f"sampler scales must satisfy 0 < min_scale <= max_scale <= 1, got "
                              f"{s.min_scale}, {s.max_scale}")
     if not (0 < s.min_aspect_ratio <= s.max_aspect_ratio):
         raise TransformError(f"sampler aspect ratios must satisfy 0 < min <= max, got "
                              f"{s.min_aspect_ratio}, {s.max_aspect_ratio}")
-    scale = rng.uniform(s.min_scale, s.max_scale)
-    ratio = rng.uniform(s.min_aspect_ratio, s.max_aspect_ratio)
-    ratio = min(max(ratio, scale ** 2), 1 / scale ** 2)
+    scale = rng.uniform(s.min_scale, s.max_scale, n)
+    ratio = np.clip(rng.uniform(s.min_aspect_ratio, s.max_aspect_ratio, n), scale ** 2, 1 / scale ** 2)
     w, h = scale * np.sqrt(ratio), scale / np.sqrt(ratio)
-    x, y = rng.uniform(0, max(0.0, 1 - w)), rng.uniform(0, max(0.0, 1 - h))  # w, h <= 1 up to rounding
-    return np.array([x, y, x + w, y + h], dtype=np.float64)
+    x = rng.uniform(0, 1, n) * np.clip(1 - w, 0, None)  # w, h <= 1 up to rounding
+    y = rng.uniform(0, 1, n) * np.clip(1 - h, 0, None)
+    return np.stack([x, y, x + w, y + h], 1)
+
+
+def sample_box(s: caffe_pb2.Sampler, rng: np.random.Generator) -> np.ndarray:
+    """One draw of :func:`sample_boxes`."""
+    return sample_boxes(s, 1, rng)[0]
 
 
 def generate_batch_samples(objects: np.ndarray, samplers, rng: np.random.Generator) -> list[np.ndarray]:
     """The fork's GenerateBatchSamples: for each batch sampler, up to ``max_sample`` boxes out of
-    ``max_trials`` draws that satisfy its constraint (relative to the whole image)."""
+    ``max_trials`` draws that satisfy its constraint (relative to the whole image), in draw order.
+    All of a sampler's trials are drawn at once (the fork stops drawing at ``max_sample``: the same
+    distribution, a different use of the random stream)."""
     out = []
+    objects = np.asarray(objects, dtype=np.float64).reshape(-1, 4)
     for bs in samplers:
-        if not bs.use_original_image:
+        if not bs.use_original_image or bs.max_trials <= 0:
             continue
-        found = 0
-        for _ in range(bs.max_trials):
-            if bs.HasField("max_sample") and found >= bs.max_sample:
-                break
-            box = sample_box(bs.sampler, rng)
-            if satisfies(box, objects, bs.sample_constraint):
-                found += 1
-                out.append(box)
+        boxes = sample_boxes(bs.sampler, bs.max_trials, rng)
+        good = boxes[satisfied(boxes, objects, bs.sample_constraint)]
+        if bs.HasField("max_sample"):
+            good = good[:bs.max_sample]
+        out.extend(good)
     return out
 
 
