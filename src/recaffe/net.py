@@ -417,13 +417,14 @@ class Net:
             layer.reshape(bottom, top)
 
     def clear_param_diffs(self) -> None:
-        for blob in self.learnable_params:
-            blob.diff_t.zero_()
+        if self.learnable_params:
+            torch._foreach_zero_([blob.diff_t for blob in self.learnable_params])
 
     def update(self) -> None:
         """data -= diff for every learnable param (Caffe's Net::Update)."""
-        for blob in self.learnable_params:
-            blob.data_t.sub_(blob.diff_t)
+        params = self.learnable_params
+        if params:
+            torch._foreach_sub_([b.data_t for b in params], [b.diff_t for b in params])
 
     # ------------------------------------------------------------ weights
     def copy_trained_layers_from(self, param: caffe_pb2.NetParameter, source: str = "<weights>") -> None:
