@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 COMPILE_ENV = "RECAFFE_COMPILE"
+CHANNELS_LAST_ENV = "RECAFFE_COMPILE_CHANNELS_LAST"
 
 # "auto": measure eager vs compiled per segment and keep the faster; "always": compiled whenever
 # it compiles; None: off.
@@ -237,9 +238,17 @@ class Segment:
 class FastPath:
     """A net's forward and backward as segments (see the module docstring)."""
 
-    def __init__(self, net: "Net", mode: str):
+    def __init__(self, net: "Net", mode: str, channels_last: bool | None = None):
         self.net = net
         n = len(net.layers)
+        # 2-D convolutions of captured segments run channels-last: mkldnn's convolution backward is
+        # faster in that layout (LeNet's conv2 forward+backward 19.4 -> 14.0 ms, one thread), and
+        # inside a compiled graph the layout flows from layer to layer without copies.
+        if channels_last is None:
+            channels_last = os.environ.get(CHANNELS_LAST_ENV, "1") != "0"
+        for layer in net.layers:
+            if hasattr(layer, "channels_last") and layer.type == "Convolution" and eager_reason(layer) is None:
+                layer.channels_last = channels_last
         self.forward_segments = self._cut(list(range(n)), "forward", mode)
         need = [k for k in range(n - 1, -1, -1) if net.layer_need_backward[k]]
         self.backward_segments = self._cut(need, "backward", mode)

@@ -337,6 +337,9 @@ class Net:
         eagerly again (False). See recaffe/fastpath.py."""
         if mode not in (True, False, None, "auto", "always"):
             raise ValueError(f"set_compile: expected True, False, 'auto' or 'always', got {mode!r}")
+        for layer in self.layers:  # the fast path's layout choice (channels-last convolutions)
+            if getattr(layer, "channels_last", False):
+                layer.channels_last = False
         self._fastpath = _fastpath.FastPath(self, "auto" if mode is True else mode) if mode else None
 
     @property
