@@ -214,3 +214,27 @@ def test_set_compile_global_switch_applies_to_new_nets(monkeypatch):
     fastpath.set_compile(False)
     with pytest.raises(ValueError):
         fastpath.set_compile("sometimes")
+
+
+def test_cli_time_with_compile_times_whole_passes(tmp_path, monkeypatch, capfd):
+    """``caffe time -compile``: the fast path is on, segments settle, whole passes are timed (the
+    compiler is stubbed here: the real one is exercised above)."""
+    from recaffe.cli.main import main
+
+    monkeypatch.setattr(fastpath, "_mode", None)
+    monkeypatch.setenv(fastpath.COMPILE_ENV, "0")  # main() sets it; restored after the test
+    plain_eager = fastpath.Segment._eager_fn
+    monkeypatch.setattr(fastpath.Segment, "_build_compiled", lambda seg: plain_eager(seg))
+    model = tmp_path / "tiny.prototxt"
+    model.write_text(NET.replace('type: "Python"', 'type: "ReLU"').replace(
+        'python_param { module: "fastpath_twice" layer: "Twice" }', ""))
+    lines = Lines()
+    logging.getLogger("recaffe").addHandler(lines)
+    try:
+        assert main(["time", "-model", str(model), "-compile", "-iterations", "2"]) == 0
+    finally:
+        logging.getLogger("recaffe").removeHandler(lines)
+        fastpath.set_compile(False)
+    assert any("warm-up iterations" in ln for ln in lines.lines)
+    assert any(ln.startswith("Average Forward-Backward") for ln in lines.lines)
+    assert not any("\tforward:" in ln for ln in lines.lines)  # no per-layer lines

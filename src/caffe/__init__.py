@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 
 import recaffe
-from recaffe import (layer_type_list, set_deterministic, set_device, set_mode_cpu, set_mode_gpu,
-                     set_random_seed)
+from recaffe import (layer_type_list, set_compile, set_deterministic, set_device, set_mode_cpu,
+                     set_mode_gpu, set_random_seed)
 from recaffe.net import TEST, TRAIN
 from recaffe.net import Net as _Net
 from recaffe import solvers as _solvers
@@ -66,8 +66,8 @@ def init_log(level: int = 0) -> None:
 
 
 __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Net", "NesterovSolver", "RMSPropSolver",
-           "SGDSolver", "TEST", "TRAIN", "get_solver", "init_log", "layer_type_list", "set_deterministic",
-           "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed"]
+           "SGDSolver", "TEST", "TRAIN", "get_solver", "init_log", "layer_type_list", "set_compile",
+           "set_deterministic", "set_device", "set_mode_cpu", "set_mode_gpu", "set_random_seed"]
 
 # pycaffe's net specification (caffe.NetSpec, caffe.layers, caffe.params, caffe.to_proto,
 # caffe.net_spec) and the base class of Python layers (caffe.Layer).

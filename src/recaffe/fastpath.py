@@ -150,11 +150,12 @@ class Segment:
         return run
 
     def _build_compiled(self) -> Callable[[], float]:
-        """Straight-line code over the segment's layers (no loop: a graph break inside one layer
-        then splits the graph instead of abandoning the whole frame), compiled by torch.compile."""
+        """Straight-line code over the segment's layers' forward (or backward) calls (no loop: a
+        graph break inside one layer then splits the graph instead of abandoning the whole frame),
+        compiled by torch.compile."""
         net = self.net
         if self.direction == "forward":
-            body = [f"    L[{k}].reshape(B[{k}], T[{k}])\n    L[{k}].forward(B[{k}], T[{k}])" for k in self.ids]
+            body = [f"    L[{k}].forward(B[{k}], T[{k}])" for k in self.ids]
         else:
             body = [f"    L[{k}].backward(T[{k}], P[{k}], B[{k}])" for k in self.ids]
         src = "def segment(L, B, T, P):\n" + "\n".join(body) + "\n"
@@ -164,10 +165,16 @@ class Segment:
         # CUDA graphs through Inductor's reduce-overhead mode: written, untested (no GPU here).
         fn = torch.compile(namespace["segment"], dynamic=False, mode="reduce-overhead" if cuda else None)
         args = (net.layers, net.bottom_vecs, net.top_vecs, net.bottom_need_backward)
-        layers, tops = net.layers, net.top_vecs
+        layers, bottoms, tops = net.layers, net.bottom_vecs, net.top_vecs
         loss_ids = self.loss_ids
+        reshape_ids = self.ids if self.direction == "forward" else []
 
         def run() -> float:
+            # Reshapes run eagerly first, as Caffe's Net::Reshape does: shape logic (and the layers'
+            # protobuf fields it reads) stays out of the graph; capturable layers' shapes never
+            # depend on data, so reshaping the whole segment before its forwards is the same.
+            for k in reshape_ids:
+                layers[k].reshape(bottoms[k], tops[k])
             fn(*args)
             loss = 0.0
             for k in loss_ids:  # Layer.run_forward's loss, read outside the graph
