@@ -110,8 +110,12 @@ def _base_run_forward():
 class Segment:
     """A run of layers in one direction, run eagerly or compiled (chosen by measurement)."""
 
-    def __init__(self, net: "Net", direction: str, ids: list[int], mode: str | None, reason: str = ""):
+    def __init__(self, net: "Net", direction: str, ids: list[int], mode: str | None, reason: str = "",
+                 channels_last: bool = False):
         self.net, self.direction, self.ids = net, direction, ids
+        # convolutions that run channels-last when compiled, NCHW when eager (set before each call)
+        self.convs = [net.layers[k] for k in ids if channels_last and mode is not None
+                      and net.layers[k].type == "Convolution" and hasattr(net.layers[k], "channels_last")]
         self.reason = reason
         self.capturable = mode is not None
         self.mode = mode
@@ -186,10 +190,16 @@ class Segment:
 
     def run(self) -> float:
         if self.choice == "eager":
+            self._layout(False)
             return self.eager_fn()
         if self.choice == "compiled" and self.compiled_fn is not None:
+            self._layout(True)
             return self.compiled_fn()
         return self._run_measuring()
+
+    def _layout(self, compiled: bool) -> None:
+        for layer in self.convs:
+            layer.channels_last = compiled
 
     def _run_measuring(self) -> float:
         """Warm-up, timed eager calls, the compiling call, timed compiled calls, then the choice
@@ -197,12 +207,14 @@ class Segment:
         self.calls += 1
         sync = torch.cuda.synchronize if self.net.device.type == "cuda" else (lambda: None)
         if self.compiled_fn is None and self.choice == "measuring" and len(self.eager_times) < EAGER_SAMPLES:
+            self._layout(False)
             t = time.perf_counter()
             loss = self.eager_fn()
             sync()
             if self.calls > 1:  # the first call warms up
                 self.eager_times.append(time.perf_counter() - t)
             return loss
+        self._layout(True)
         if self.compiled_fn is None:
             t = time.perf_counter()
             try:
@@ -215,6 +227,7 @@ class Segment:
                 self.choice = "eager"
                 log.info("Compiled fast path: %s %s of net %s does not compile (%s: %s); running it eagerly",
                          self.direction, self.names, self.net.name, type(e).__name__, str(e).splitlines()[0][:200])
+                self._layout(False)
                 return self.eager_fn()
             self.compile_time = time.perf_counter() - t
             log.info("Compiled fast path: %s %s of net %s compiled in %.1f s", self.direction, self.names,
@@ -248,14 +261,13 @@ class FastPath:
     def __init__(self, net: "Net", mode: str, channels_last: bool | None = None):
         self.net = net
         n = len(net.layers)
-        # 2-D convolutions of captured segments run channels-last: mkldnn's convolution backward is
+        # 2-D convolutions of compiled segments run channels-last: mkldnn's convolution backward is
         # faster in that layout (LeNet's conv2 forward+backward 19.4 -> 14.0 ms, one thread), and
-        # inside a compiled graph the layout flows from layer to layer without copies.
+        # inside a compiled graph the layout flows from layer to layer without copies. Eager runs
+        # (and segments that chose eager) keep NCHW.
         if channels_last is None:
             channels_last = os.environ.get(CHANNELS_LAST_ENV, "1") != "0"
-        for layer in net.layers:
-            if hasattr(layer, "channels_last") and layer.type == "Convolution" and eager_reason(layer) is None:
-                layer.channels_last = channels_last
+        self.channels_last = channels_last
         self.forward_segments = self._cut(list(range(n)), "forward", mode)
         need = [k for k in range(n - 1, -1, -1) if net.layer_need_backward[k]]
         self.backward_segments = self._cut(need, "backward", mode)
@@ -271,7 +283,7 @@ class FastPath:
                 runs.append((reason, [k]))
         segments = []
         for reason, run in runs:
-            seg = Segment(net, direction, run, None if reason else mode, reason or "")
+            seg = Segment(net, direction, run, None if reason else mode, reason or "", self.channels_last)
             if reason and direction == "forward":
                 why = sorted({eager_reason(net.layers[k]) for k in run})
                 log.info("Compiled fast path: net %s: %s run eagerly (%s)", net.name, seg.names, ", ".join(why))
