@@ -16,7 +16,7 @@ param between calls is read by the next call (the tensors are graph inputs, neve
 **Choosing per segment.** Compiling is not always faster (Inductor's CPU convolutions and extern
 kernels can lose to eager). Each compiled segment first runs eagerly for a few calls (timed), is
 then compiled (the compile time is logged) and timed for a few calls, and from then on runs the
-faster of the two. ``set_compile("always")`` skips the measurement (tests use it).
+faster of the two (fastest call against fastest call: the least disturbed on a shared machine). ``set_compile("always")`` skips the measurement (tests use it).
 
 **Numbers.** Inductor fuses elementwise ops and may reorder float arithmetic, so compiled results
 agree with eager within float rounding, not bit for bit (docs/performance.md). The solver's update
@@ -29,7 +29,6 @@ net compiles much faster (figures in docs/performance.md).
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -53,8 +52,8 @@ _mode: str | None = {"": None, "0": None, "1": "auto", "auto": "auto",
 
 # Calls per segment: one eager warm-up, EAGER_SAMPLES timed eager calls, one compiling call, one
 # compiled warm-up, COMPILED_SAMPLES timed compiled calls; then the choice.
-EAGER_SAMPLES = 3
-COMPILED_SAMPLES = 3
+EAGER_SAMPLES = 5
+COMPILED_SAMPLES = 5
 
 # Layer types always run eagerly, with the reason logged.
 _EAGER_TYPES = {
@@ -241,7 +240,8 @@ class Segment:
             self.compiled_times.append(time.perf_counter() - t)
         self._warm = True
         if len(self.compiled_times) >= COMPILED_SAMPLES:
-            eager, comp = statistics.median(self.eager_times), statistics.median(self.compiled_times)
+            # the fastest call of each: on a shared machine, the least disturbed by other work
+            eager, comp = min(self.eager_times), min(self.compiled_times)
             self.choice = "compiled" if comp < eager else "eager"
             log.info("Compiled fast path: %s %s of net %s: eager %.3g ms, compiled %.3g ms (%.2fx): %s",
                      self.direction, self.names, self.net.name, eager * 1e3, comp * 1e3, eager / comp,
@@ -249,10 +249,10 @@ class Segment:
         return loss
 
     def summary(self) -> dict:
-        med = (lambda v: statistics.median(v) if v else None)
+        best = (lambda v: min(v) if v else None)
         return {"direction": self.direction, "layers": [self.net.layer_names[k] for k in self.ids],
-                "choice": self.choice, "reason": self.reason, "eager_s": med(self.eager_times),
-                "compiled_s": med(self.compiled_times), "compile_s": self.compile_time}
+                "choice": self.choice, "reason": self.reason, "eager_s": best(self.eager_times),
+                "compiled_s": best(self.compiled_times), "compile_s": self.compile_time}
 
 
 class FastPath:
