@@ -238,3 +238,36 @@ def test_cli_time_with_compile_times_whole_passes(tmp_path, monkeypatch, capfd):
     assert any("warm-up iterations" in ln for ln in lines.lines)
     assert any(ln.startswith("Average Forward-Backward") for ln in lines.lines)
     assert not any("\tforward:" in ln for ln in lines.lines)  # no per-layer lines
+
+
+def test_a_segment_that_does_not_compile_runs_eagerly_from_the_same_state(monkeypatch):
+    """Compiling fails after the backward graph already accumulated into a param diff: the diffs
+    are restored and the segment runs eagerly, once."""
+    text = NET.replace('type: "Python"', 'type: "ReLU"').replace(
+        'python_param { module: "fastpath_twice" layer: "Twice" }', "")
+    eager = Net(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    net = Net(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    plain_eager = fastpath.Segment._eager_fn
+
+    def failing_build(seg):
+        run = plain_eager(seg)
+
+        def fail():
+            run()  # the work happened (accumulated into the diffs), then the "compiler" fails
+            raise RuntimeError("backend compiler failed")
+        return fail
+
+    monkeypatch.setattr(fastpath.Segment, "_build_compiled", failing_build)
+    net.set_compile("always")
+    x, y = batch(1)
+    for a, b in zip(eager.learnable_params, net.learnable_params):
+        b.data[...] = a.data
+    for n in (eager, net):
+        n.blobs["x"].data[...] = x
+        n.blobs["y"].data[...] = y
+        n.clear_param_diffs()
+        n.forward()
+        n.backward()
+    assert all(s.choice == "eager" for s in net.fastpath.forward_segments + net.fastpath.backward_segments)
+    for a, b in zip(eager.learnable_params, net.learnable_params):
+        np.testing.assert_array_equal(b.diff, a.diff)

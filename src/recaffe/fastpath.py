@@ -216,13 +216,18 @@ class Segment:
         self._layout(True)
         if self.compiled_fn is None:
             t = time.perf_counter()
+            # backward accumulates into param diffs: keep them, to run eagerly from the same state
+            # if compiling fails after part of the segment ran (a graph break splits the work)
+            params = [b for k in self.ids for b in self.net.layers[k].blobs] if self.direction == "backward" else []
+            saved = [b.diff_t.clone() for b in params]
             try:
                 self.compiled_fn = self._build_compiled()
                 loss = self.compiled_fn()
                 sync()
             except Exception as e:  # noqa: BLE001 — anything Dynamo/Inductor cannot do: stay eager
-                if self.direction == "backward":
-                    raise  # param diffs may be half accumulated: never run twice
+                for b, d in zip(params, saved):
+                    b.diff_t.copy_(d)
+                self.compiled_fn = None
                 self.choice = "eager"
                 log.info("Compiled fast path: %s %s of net %s does not compile (%s: %s); running it eagerly",
                          self.direction, self.names, self.net.name, type(e).__name__, str(e).splitlines()[0][:200])
