@@ -47,8 +47,8 @@ CHANNELS_LAST_ENV = "RECAFFE_COMPILE_CHANNELS_LAST"
 
 # "auto": measure eager vs compiled per segment and keep the faster; "always": compiled whenever
 # it compiles; None: off.
-_mode: str | None = {"": None, "0": None, "1": "auto", "auto": "auto",
-                     "always": "always"}.get(os.environ.get(COMPILE_ENV, ""), "auto")
+_env = os.environ.get(COMPILE_ENV, "").strip().lower()
+_mode: str | None = None if _env in ("", "0", "false", "no", "off") else ("always" if _env == "always" else "auto")
 
 # Calls per segment: one eager warm-up, EAGER_SAMPLES timed eager calls, one compiling call, one
 # compiled warm-up, COMPILED_SAMPLES timed compiled calls; then the choice.
