@@ -19,6 +19,7 @@ import torch
 from google.protobuf import text_format
 
 from . import device as _device
+from . import fastpath as _fastpath
 from .blob import Blob, BlobError, proto_shape
 from .insert_splits import insert_splits
 from .io import hdf5_weights
@@ -175,6 +176,9 @@ class Net:
                     self._blob_need_backward[blob_id] = True
 
         self._prune_backward(param)
+        self._fastpath = None
+        if _fastpath.compile_mode():
+            self.set_compile(_fastpath.compile_mode())
         for name in available:
             log.info("This network produces output %s", name)
             self._output_blob_indices.append(name_to_idx[name])
@@ -339,8 +343,25 @@ class Net:
                 layer.param_propagate_down = [True] * len(layer.blobs)
 
     # ------------------------------------------------------------ running
+    def set_compile(self, mode: bool | str = True) -> None:
+        """Run this net's whole-net forward/backward through the compiled fast path (True or
+        "auto": per segment, whichever of eager and compiled measures faster; "always"), or
+        eagerly again (False). See recaffe/fastpath.py."""
+        if mode not in (True, False, None, "auto", "always"):
+            raise ValueError(f"set_compile: expected True, False, 'auto' or 'always', got {mode!r}")
+        for layer in self.layers:  # the fast path's layout choice (channels-last convolutions)
+            if getattr(layer, "channels_last", False):
+                layer.channels_last = False
+        self._fastpath = _fastpath.FastPath(self, "auto" if mode is True else mode) if mode else None
+
+    @property
+    def fastpath(self) -> "_fastpath.FastPath | None":
+        return self._fastpath
+
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         end = len(self.layers) - 1 if end is None else end
+        if self._fastpath is not None and start == 0 and end == len(self.layers) - 1:
+            return self._fastpath.forward()
         loss = 0.0
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
         before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
@@ -354,6 +375,9 @@ class Net:
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         start = len(self.layers) - 1 if start is None else start
+        if self._fastpath is not None and start == len(self.layers) - 1 and end == 0:
+            self._fastpath.backward()
+            return
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
         need, prop = self.layer_need_backward, self.bottom_need_backward
         before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
@@ -488,13 +512,14 @@ class Net:
             layer.reshape(bottom, top)
 
     def clear_param_diffs(self) -> None:
-        for blob in self.learnable_params:
-            blob.diff_t.zero_()
+        if self.learnable_params:
+            torch._foreach_zero_([blob.diff_t for blob in self.learnable_params])
 
     def update(self) -> None:
         """data -= diff for every learnable param (Caffe's Net::Update)."""
-        for blob in self.learnable_params:
-            blob.data_t.sub_(blob.diff_t)
+        params = self.learnable_params
+        if params:
+            torch._foreach_sub_([b.data_t for b in params], [b.diff_t for b in params])
 
     # ------------------------------------------------------------ weights
     def copy_trained_layers_from(self, param: caffe_pb2.NetParameter, source: str = "<weights>") -> None:

@@ -62,6 +62,9 @@ def _flags() -> FlagSet:
           "snapshot, stop or none.")
     f.add("threads", 0, "Optional (recaffe); CPU threads for torch's kernels (0: $RECAFFE_THREADS, else "
           "torch's default, one per physical core). Fewer threads share a busy machine better.")
+    f.add("compile", False, "Optional (recaffe); run train/test/time through the compiled fast path "
+          "(torch.compile per segment of capturable layers, kept where it measures faster than eager; "
+          "see docs/performance.md).")
     f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, meant to make a "
           "seeded run repeat bit for bit on GPU too (slower on GPU; untested on GPU, see docs/gpu.md).")
     return f
@@ -213,6 +216,8 @@ def time_(flags: dict) -> int:
     iterations = flags["iterations"]
     log.info("*** Benchmark begins ***")
     log.info("Testing for %d iterations.", iterations)
+    if net.fastpath is not None:
+        return _time_compiled(net, iterations, sync)
     n = len(net.layers)
     fwd = [0.0] * n
     bwd = [0.0] * n
@@ -241,6 +246,41 @@ def time_(flags: dict) -> int:
     for i, name in enumerate(net.layer_names):
         log.info("%10s\tforward: %g ms.", name, fwd[i] * 1e3 / iterations)
         log.info("%10s\tbackward: %g ms.", name, bwd[i] * 1e3 / iterations)
+    log.info("Average Forward pass: %g ms.", fwd_total * 1e3 / iterations)
+    log.info("Average Backward pass: %g ms.", bwd_total * 1e3 / iterations)
+    log.info("Average Forward-Backward: %g ms.", total * 1e3 / iterations)
+    log.info("Total Time: %g ms.", total * 1e3)
+    log.info("*** Benchmark ends ***")
+    return 0
+
+
+def _time_compiled(net, iterations: int, sync) -> int:
+    """``caffe time -compile``: whole forward and backward passes (compiled segments have no
+    per-layer times). The first iterations include the fast path's measuring and compiling; they
+    are logged as such and left out of the averages."""
+    warm = 0
+    while any(s["choice"] == "measuring" for s in net.fastpath.summary()) and warm < 50:
+        net.forward_loss()
+        net.backward_from_to()
+        warm += 1
+    log.info("Compiled fast path: %d warm-up iterations (measuring eager vs compiled, compiling); per-layer "
+             "times are not available with -compile", warm)
+    for s in net.fastpath.summary():
+        log.info("%10s %s: %s", s["direction"], ",".join(s["layers"][:1] + s["layers"][-1:]), s["choice"])
+    fwd_total = bwd_total = 0.0
+    total_start = _time.perf_counter()
+    for j in range(iterations):
+        t0 = _time.perf_counter()
+        net.forward_loss()
+        sync()
+        t1 = _time.perf_counter()
+        net.backward_from_to()
+        sync()
+        t2 = _time.perf_counter()
+        fwd_total += t1 - t0
+        bwd_total += t2 - t1
+        log.info("Iteration: %d forward-backward time: %g ms.", j + 1, (t2 - t0) * 1e3)
+    total = _time.perf_counter() - total_start
     log.info("Average Forward pass: %g ms.", fwd_total * 1e3 / iterations)
     log.info("Average Backward pass: %g ms.", bwd_total * 1e3 / iterations)
     log.info("Average Forward-Backward: %g ms.", total * 1e3 / iterations)
@@ -347,6 +387,11 @@ def _command(command: str, rest: list[str]) -> int:
     if flags["deterministic"]:
         log.info("Using deterministic algorithms only.")
         _device.set_deterministic(True)
+    if flags["compile"]:
+        from .. import fastpath
+        log.info("Using the compiled fast path.")
+        fastpath.set_compile(True)
+        os.environ[fastpath.COMPILE_ENV] = "1"  # also for the processes of multi-GPU training
     return COMMANDS[command](flags)
 
 

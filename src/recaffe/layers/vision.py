@@ -135,6 +135,8 @@ class _BaseConvolution(Layer):
     min_top_blobs = 1
     equal_num_bottom_top_blobs = True
     reverse = False  # Deconvolution: the weights map top channels to bottom channels
+    # 2-D Convolution in channels-last layout (set by the compiled fast path where it measures faster)
+    channels_last = False
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.convolution_param
@@ -261,6 +263,10 @@ class _BaseConvolution(Layer):
         return torch.matmul(dyg, cols.transpose(2, 3)).sum(0)
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 @register("Convolution")
 class ConvolutionLayer(_BaseConvolution):
     """Caffe's Convolution: weights (num_output, channels / group, *kernel), output size
@@ -273,11 +279,15 @@ class ConvolutionLayer(_BaseConvolution):
 
     def _forward(self, x, w, b):
         if self._torch:
+            if self.channels_last and x.dim() == 4:
+                x, w = _nhwc(x), _nhwc(w)
             return _CONV[x.dim() - 2](x, w, b, self._s, self._p, self._d, self.group)
         return self._nd_conv(x, self._grouped_weight(w), b, self.num_output)
 
     def _backward(self, dy, x, w, mask):
         if self._torch:
+            if self.channels_last and x.dim() == 4:
+                dy, x, w = _nhwc(dy), _nhwc(x), _nhwc(w)
             return torch.ops.aten.convolution_backward(
                 dy, x, w, self._bias_sizes if mask[2] else None, self._s, self._p, self._d,
                 False, [0] * len(self._s), self.group, mask)

@@ -36,6 +36,11 @@ class AdaGradSolver(SGDSolver):
         denom = h.sqrt().add_(self.param.delta)
         g.div_(denom).mul_(local_rate)
 
+    def compute_update_values(self, idx: list[int], g: list[torch.Tensor], local_rate: float) -> None:
+        h = self.histories(idx)
+        torch._foreach_addcmul_(h, g, g)
+        _divide_by_root(g, h, self.param.delta, local_rate)
+
 
 @register_solver("RMSProp")
 class RMSPropSolver(SGDSolver):
@@ -52,6 +57,13 @@ class RMSPropSolver(SGDSolver):
         h.mul_(decay).addcmul_(g, g, value=1 - decay)
         denom = h.sqrt().add_(self.param.delta)
         g.div_(denom).mul_(local_rate)
+
+    def compute_update_values(self, idx: list[int], g: list[torch.Tensor], local_rate: float) -> None:
+        decay = self.param.rms_decay
+        h = self.histories(idx)
+        torch._foreach_mul_(h, decay)
+        torch._foreach_addcmul_(h, g, g, value=1 - decay)
+        _divide_by_root(g, h, self.param.delta, local_rate)
 
 
 class _TwoHistorySolver(SGDSolver):
@@ -79,6 +91,21 @@ class AdaDeltaSolver(_TwoHistorySolver):
         update = (sq_update + delta).div_(sq_grad + delta).sqrt_().mul_(g)
         sq_update.mul_(m).addcmul_(update, update, value=1 - m)
         torch.mul(update, local_rate, out=g)
+
+    def compute_update_values(self, idx: list[int], g: list[torch.Tensor], local_rate: float) -> None:
+        m, delta = self.param.momentum, self.param.delta
+        sq_grad = self.histories(idx)
+        sq_update = self.histories(idx, len(self.net.learnable_params))
+        torch._foreach_mul_(sq_grad, m)
+        torch._foreach_addcmul_(sq_grad, g, g, value=1 - m)
+        update = torch._foreach_add(sq_update, delta)
+        torch._foreach_div_(update, torch._foreach_add(sq_grad, delta))
+        torch._foreach_sqrt_(update)
+        torch._foreach_mul_(update, g)
+        torch._foreach_mul_(sq_update, m)
+        torch._foreach_addcmul_(sq_update, update, update, value=1 - m)
+        torch._foreach_mul_(update, local_rate)
+        torch._foreach_copy_(g, update)
 
 
 @register_solver("Adam")
@@ -109,3 +136,27 @@ class AdamSolver(_TwoHistorySolver):
         update = v.sqrt().add_(eps)
         torch.div(m, update, out=g)
         g.mul_(local_rate * correction)
+
+    def compute_update_values(self, idx: list[int], g: list[torch.Tensor], local_rate: float) -> None:
+        b1, b2, eps = self.param.momentum, self.param.momentum2, self.param.delta
+        t = self.iter + 1
+        correction = math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        m = self.histories(idx)
+        v = self.histories(idx, len(self.net.learnable_params))
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        update = torch._foreach_sqrt(v)
+        torch._foreach_add_(update, eps)
+        torch._foreach_copy_(g, m)
+        torch._foreach_div_(g, update)
+        torch._foreach_mul_(g, local_rate * correction)
+
+
+def _divide_by_root(g: list[torch.Tensor], h: list[torch.Tensor], delta: float, local_rate: float) -> None:
+    """AdaGrad's and RMSProp's ``g = g / (sqrt(h) + delta) * local_rate``, multi-tensor."""
+    denom = torch._foreach_sqrt(h)
+    torch._foreach_add_(denom, delta)
+    torch._foreach_div_(g, denom)
+    torch._foreach_mul_(g, local_rate)

@@ -44,13 +44,27 @@ class SGDSolver(Solver):
             raise SolverError(f"Unknown regularization type: {self.param.regularization_type!r} "
                               f"(L1, L2, or {DECOUPLED!r} for decoupled weight decay)")
 
+    # Multi-tensor update (torch._foreach_*): the params are grouped by (lr_mult, decay_mult) so
+    # that each group's rate and decay are single scalars, and each group runs the very op sequence
+    # of the per-param methods below, so every param sees the same float ops in the same order
+    # (bit-exact; tests/test_foreach_update.py). Set False to run the per-param loop instead.
+    foreach = True
+
     def apply_update(self) -> None:
         p = self.param
         rate = self.lr
         if p.display and self.iter % p.display == 0:
             log.info("Iteration %d, lr = %g", self.iter, rate)
         self.clip_gradients()
-        net = self.net
+        if self.foreach and self._has_foreach_rule():
+            self._apply_update_foreach(rate)
+        else:
+            self._apply_update_loop(rate)
+        self.net.update()
+
+    def _apply_update_loop(self, rate: float) -> None:
+        """Caffe's loop, one param at a time."""
+        net, p = self.net, self.param
         decoupled = p.regularization_type == DECOUPLED
         for i, blob in enumerate(net.learnable_params):
             local_rate = rate * net.params_lr[i]
@@ -63,21 +77,76 @@ class SGDSolver(Solver):
                 local_decay = p.weight_decay * net.params_weight_decay[i]
                 if local_decay:
                     blob.diff_t.add_(blob.data_t, alpha=local_rate * local_decay)
-        net.update()
+
+    def _has_foreach_rule(self) -> bool:
+        """A subclass that overrides only the per-param ``compute_update_value`` keeps the loop."""
+        cls = type(self)
+        return _owner(cls, "compute_update_values") is _owner(cls, "compute_update_value")
+
+    def param_groups(self) -> list[tuple[float, float, list[int]]]:
+        """(lr_mult, decay_mult, indices into learnable_params), in order of first appearance."""
+        net = self.net
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, key in enumerate(zip(net.params_lr, net.params_weight_decay)):
+            groups.setdefault(key, []).append(i)
+        return [(lr, decay, idx) for (lr, decay), idx in groups.items()]
+
+    def _apply_update_foreach(self, rate: float) -> None:
+        """The loop above as multi-tensor ops, one group of equal multipliers at a time."""
+        net, p = self.net, self.param
+        params = net.learnable_params
+        decoupled = p.regularization_type == DECOUPLED
+        for lr_mult, decay_mult, group in self.param_groups():
+            local_rate = rate * lr_mult
+            local_decay = p.weight_decay * decay_mult
+            for idx in self._chunks(group):
+                datas = [params[i].data_t for i in idx]
+                diffs = [params[i].diff_t for i in idx]
+                if p.iter_size > 1:
+                    torch._foreach_mul_(diffs, 1.0 / p.iter_size)
+                if not decoupled and local_decay:
+                    if p.regularization_type == "L2":
+                        torch._foreach_add_(diffs, datas, alpha=local_decay)
+                    else:
+                        torch._foreach_add_(diffs, torch._foreach_sign(datas), alpha=local_decay)
+                self.compute_update_values(idx, diffs, local_rate)
+                if decoupled and local_decay:
+                    torch._foreach_add_(diffs, datas, alpha=local_rate * local_decay)
+
+    # On CPU each multi-tensor op streams over all of its tensors, so a group as large as ResNet-50's
+    # 25M values leaves the cache between ops; chunks of about a megabyte per tensor keep a chunk's
+    # ops in cache (benchmarks/update_bench.py). On a GPU a group is one set of fused launches.
+    CPU_CHUNK = 1 << 18
+
+    def _chunks(self, idx: list[int]) -> list[list[int]]:
+        params = self.net.learnable_params
+        if not idx or params[idx[0]].device.type != "cpu":
+            return [idx]
+        chunks, cur, n = [], [], 0
+        for i in idx:
+            c = params[i].count()
+            if cur and n + c > self.CPU_CHUNK:
+                chunks.append(cur)
+                cur, n = [], 0
+            cur.append(i)
+            n += c
+        chunks.append(cur)
+        return chunks
 
     def clip_gradients(self) -> None:
         clip = self.param.clip_gradients
-        if clip < 0:
+        if clip < 0 or not self.net.learnable_params:
             return
         params = self.net.learnable_params
-        sumsq = sum(float(torch.dot(b.diff_t.reshape(-1), b.diff_t.reshape(-1))) for b in params)
+        # Per-param float32 dots summed in double in param order, as Caffe's loop (one host sync).
+        dots = torch.stack([torch.dot(b.diff_t.reshape(-1), b.diff_t.reshape(-1)) for b in params])
+        sumsq = sum(dots.tolist())
         l2norm = math.sqrt(sumsq)
         if l2norm > clip:
             scale = clip / l2norm
             log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale factor %g",
                      l2norm, clip, scale)
-            for b in params:
-                b.diff_t.mul_(scale)
+            torch._foreach_mul_([b.diff_t for b in params], scale)
 
     def normalize(self, blob: Blob) -> None:
         if self.param.iter_size > 1:
@@ -97,6 +166,16 @@ class SGDSolver(Solver):
         diff = blob.diff_t
         history.mul_(self.param.momentum).add_(diff, alpha=local_rate)
         diff.copy_(history)
+
+    def compute_update_values(self, idx: list[int], diffs: list[torch.Tensor], local_rate: float) -> None:
+        """``compute_update_value`` for the params ``idx`` at once (same ops, same order)."""
+        history = self.histories(idx)
+        torch._foreach_mul_(history, self.param.momentum)
+        torch._foreach_add_(history, diffs, alpha=local_rate)
+        torch._foreach_copy_(diffs, history)
+
+    def histories(self, idx: list[int], offset: int = 0) -> list[torch.Tensor]:
+        return [self.history[offset + i].data_t for i in idx]
 
     # -------------------------------------------------------------- state
     def history_blobs(self) -> list[Blob]:
@@ -168,3 +247,18 @@ class NesterovSolver(SGDSolver):
         history.mul_(m).add_(diff, alpha=local_rate)
         torch.mul(history, 1 + m, out=diff)
         diff.add_(old, alpha=-m)
+
+    def compute_update_values(self, idx: list[int], diffs: list[torch.Tensor], local_rate: float) -> None:
+        m = self.param.momentum
+        history = self.histories(idx)
+        old = [h.clone() for h in history]
+        torch._foreach_mul_(history, m)
+        torch._foreach_add_(history, diffs, alpha=local_rate)
+        torch._foreach_copy_(diffs, history)
+        torch._foreach_mul_(diffs, 1 + m)
+        torch._foreach_add_(diffs, old, alpha=-m)
+
+
+def _owner(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO that defines ``name``."""
+    return next(k for k in cls.__mro__ if name in k.__dict__)
