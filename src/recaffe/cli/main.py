@@ -14,7 +14,7 @@ from ..errors import RecaffeError
 from .. import threads as _threads
 from ..io.netfiles import read_solver_text
 from ..log import get_logger
-from ..parallel import DataParallelError, launched_by_torchrun
+from ..parallel import launched_by_torchrun
 from ..proto import caffe_pb2
 from ..signals import SignalHandler
 from .flags import FlagError, FlagSet

@@ -146,7 +146,7 @@ def _onnx_pooling_with_mask(b, n):
     x = onnx_export._pad_explicit(b, n, n.inputs[0], a["pads"], -onnx_export.FLT_MAX)
     pooled, idx = b.op(n, "MaxPool", [x], n_out=2, kernel_shape=a["kernel"], strides=a["stride"])
     b.op(n, "Identity", [pooled], n.outputs[0])
-    (hp, wp), (h, w) = a["padded"], a["plane"]
+    (hp, wp), (_, w) = a["padded"], a["plane"]
     ph, pw = a["pads"][:2]
     plane = b.op(n, "Mod", [idx, b.ints(hp * wp, f"{n.layer}_padded_plane")])
     width = b.ints(wp, f"{n.layer}_padded_w")
