@@ -140,6 +140,8 @@ def test_errors(tmp_path):
     db = make_db(tmp_path, [[(8, 4, 24, 20)]])
     with pytest.raises(LayerError, match="crop_size 100"):
         net(db, 1, "crop_size: 100").forward()
+    with pytest.raises(LayerError, match="noise_param"):
+        net(db, 1, "noise_param { prob: 0.5 decolorize: true }")
     with pytest.raises(LayerError, match="max_trials"):
         net(db, 1, "", "batch_sampler { max_trials: 0 }")
 

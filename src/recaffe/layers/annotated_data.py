@@ -172,6 +172,12 @@ class AnnotatedDataLayer(DataLayer):
             transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
         except TransformError as e:
             raise self.error(str(e)) from None
+        noise = self.layer_param.transform_param.noise_param
+        if noise.prob > 0:
+            # The fork's ApplyNoise is a set of OpenCV filters (equalization, blur, JPEG, posterize,
+            # erosion, salt and pepper, CLAHE, colour spaces); refused rather than silently skipped.
+            raise self.error("transform_param.noise_param (the SSD fork's OpenCV noise filters) is not "
+                             "supported; remove it or set its prob to 0")
         for i, bs in enumerate(self.layer_param.annotated_data_param.batch_sampler):
             if bs.max_trials <= 0:
                 raise self.error(f"batch_sampler {i}: max_trials must be positive")
