@@ -137,3 +137,20 @@ def test_truncated_caffemodel_is_still_an_error(tmp_path):
     data = net_bytes(layer_bytes("fc", "InnerProduct"))
     with pytest.raises(ProtoFileError, match="truncated"):
         read(tmp_path, data[:-3])
+
+
+def test_nvcaffe_fields_are_not_ignored_silently(tmp_path):
+    from helpers import capture_log, make_net, write
+
+    import caffe
+
+    with capture_log() as lines:
+        make_net('default_forward_type: FLOAT16\nlayer { name: "d" type: "Input" top: "x" '
+                 'input_param { shape { dim: 1 } } forward_math: FLOAT }')
+    assert any("NVCaffe's precision fields (default_forward_type, layer forward_math)" in line for line in lines)
+    net = write(tmp_path, "n.prototxt", 'layer { name: "d" type: "Input" top: "x" input_param { shape { dim: 1 } } }')
+    solver = write(tmp_path, "s.prototxt", f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" larc: true '
+                   'solver_data_type: FLOAT16')
+    with capture_log() as lines:
+        caffe.get_solver(solver)
+    assert any("NVCaffe's solver fields (solver_data_type, larc)" in line for line in lines)

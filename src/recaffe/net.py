@@ -23,6 +23,7 @@ from . import fastpath as _fastpath
 from .blob import Blob, BlobError, proto_shape
 from .insert_splits import insert_splits
 from .io import hdf5_weights
+from .io.fork_fields import unimplemented_fields
 from .io.netfiles import read_net_binary, read_net_text
 from .io.upgrade import upgrade_net
 from .io.protofiles import check_path, write_binary
@@ -70,6 +71,10 @@ class Net:
         self.phase = in_param.state.phase
         filtered = filter_net(in_param)
         log.info("Initializing net from parameters: \n%s", text_format.MessageToString(filtered))
+        nv = unimplemented_fields(filtered)
+        if nv:
+            log.warning("NVCaffe's precision fields (%s) are read, but recaffe computes in float32",
+                        ", ".join(nv))
         param = insert_splits(filtered)
         self.param = param
         self.name = param.name

@@ -252,3 +252,24 @@ def weights_only_to_net(w) -> caffe_pb2.NetParameter:
             dst.type = src.type
         dst.blobs.extend(src.blobs)
     return net
+
+
+# ------------------------------------------------------------------ parsed, not (yet) acted on
+def unimplemented_fields(msg) -> list[str]:
+    """The fork fields set in ``msg`` (a NetParameter with its layers, or a SolverParameter) that
+    recaffe parses but does not act on: NVCaffe's mixed-precision and solver-policy fields. recaffe
+    computes in float32 and uses Caffe's solver rules; callers log these so nothing is ignored
+    silently."""
+    found = []
+    name = type(msg).__name__
+    for (message, field), (fork, _) in FORK_FIELDS.items():
+        if fork != NVCAFFE or message != name or message == "BlobProto":
+            continue
+        if msg.HasField(field):
+            found.append(field)
+    if name == "NetParameter":
+        for layer in msg.layer:
+            for field in ("forward_type", "backward_type", "forward_math", "backward_math"):
+                if layer.HasField(field) and f"layer {field}" not in found:
+                    found.append(f"layer {field}")
+    return found

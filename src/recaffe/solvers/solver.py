@@ -58,6 +58,11 @@ class Solver:
             raise SolverError(f"{source!r}: the solver file's name is not UTF-8, so snapshot_prefix cannot be "
                               "derived from it: set snapshot_prefix in the solver file") from None
         log.info("Initializing solver from parameters: \n%s", text_format.MessageToString(param))
+        from ..io.fork_fields import unimplemented_fields
+        nv = unimplemented_fields(param)
+        if nv:
+            log.warning("NVCaffe's solver fields (%s) are read but not used: recaffe follows Caffe's "
+                        "solver (float32 math, BVLC's policies)", ", ".join(nv))
         if param.average_loss < 1:
             raise SolverError("average_loss should be non-negative (>= 1)")
         if param.iter_size < 1:
