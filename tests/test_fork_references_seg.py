@@ -1,59 +1,12 @@
-"""The segmentation forks' reference outputs (../shared/reference/forks/deeplab: DeepLab v2's Interp
-and SegAccuracy; ../shared/reference/forks/segnet: SegNet's Upsample and BN), through caffe.Net,
-within the tolerances each case states. The format is that of ../shared/reference/layers (see
-test_reference_cases.py); these nets declare net-level inputs and their weights.caffemodel keeps the
-forks' params under the forks' field numbers (io/fork_fields.py re-reads them)."""
-import json
-import os
-
+"""The segmentation forks' reference files (../shared/reference/forks/deeplab and .../segnet; their
+outputs are checked by test_reference_cases.test_fork_case): their weights.caffemodel keeps the forks'
+params under the forks' field numbers, which io/fork_fields.py re-reads."""
 import numpy as np
 import pytest
 
 import caffe
-from conftest import REFERENCE, require_reference
+from conftest import require_reference
 from recaffe.io.netfiles import read_net_binary
-from test_reference_cases import assert_close
-
-
-def _cases(fork):
-    d = REFERENCE / "forks" / fork
-    if not d.is_dir():
-        return [(fork, "(missing)")]
-    return [(fork, c) for c in sorted(os.listdir(d)) if (d / c).is_dir()]
-
-
-CASES = _cases("deeplab") + _cases("segnet")
-
-
-@pytest.mark.parametrize("fork, case", CASES, ids=[f"{f}/{c}" for f, c in CASES])
-def test_fork_case(fork, case):
-    d = require_reference("forks", fork, case)
-    meta = json.loads((d / "case.json").read_text())
-    z = np.load(d / "case.npz")
-    rtol, atol = meta["rtol"], meta["atol"]
-    phase = caffe.TRAIN if meta["phase"] == "TRAIN" else caffe.TEST
-    net = caffe.Net(str(d / "net.prototxt"), phase, weights=str(d / "weights.caffemodel"))
-    entries = [(k, k.split("__")) for k in z.files]
-    for k, (kind, *rest) in entries:
-        if kind == "bottom":
-            net.blobs[rest[0]].data[...] = z[k]
-        elif kind == "param":
-            assert_close(net.params[rest[0]][int(rest[1])].data, z[k], 0, 0, f"weights {k}")
-    net.forward()
-    for k, (kind, *rest) in entries:
-        if kind == "top":
-            assert_close(net.blobs[rest[0]].data, z[k], rtol, atol, k)
-    if meta["forward_only"]:
-        return
-    for k, (kind, *rest) in entries:
-        if kind == "top_diff":
-            net.blobs[rest[0]].diff[...] = z[k]
-    net.backward()
-    for k, (kind, *rest) in entries:
-        if kind == "bottom_diff":
-            assert_close(net.blobs[rest[0]].diff, z[k], rtol, atol, k)
-        elif kind == "param_diff":
-            assert_close(net.params[rest[0]][int(rest[1])].diff, z[k], rtol, atol, k)
 
 
 @pytest.mark.parametrize("fork, case, field, expected", [

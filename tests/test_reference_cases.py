@@ -34,17 +34,20 @@ def assert_close(ours, ref, rtol, atol, what):
     assert not bad.any(), f"{what}: max abs err {np.max(np.abs(ours - ref)):.3g} (rtol {rtol}, atol {atol})"
 
 
-@pytest.mark.parametrize("case", LAYER_CASES)
-def test_layer_case(case, test_device):
-    d = require_reference("layers", case)
+def run_layer_case(d, who="Caffe"):
+    """Drive one layer case as it was produced (see ../shared/reference/README.md): bottoms and
+    params in, tops (and params after forward) out; then, unless forward-only, top diffs in and
+    bottom/param diffs out. Tops of data-dependent shape (the forks' detection layers) are compared
+    with their shapes."""
     meta = json.loads((d / "case.json").read_text())
     z = np.load(d / "case.npz")
-    rtol, atol = tolerances(case, meta, test_device)
+    rtol, atol = meta["rtol"], meta["atol"]
     phase = caffe.TRAIN if meta["phase"] == "TRAIN" else caffe.TEST
     net = caffe.Net(str(d / "net.prototxt"), phase, weights=str(d / "weights.caffemodel"))
     entries = [(k, k.split("__")) for k in z.files]
     for k, (kind, *rest) in entries:
         if kind == "bottom":
+            net.blobs[rest[0]].reshape(*z[k].shape)
             net.blobs[rest[0]].data[...] = z[k]
         elif kind == "param":  # the caffemodel must load exactly
             assert_close(net.params[rest[0]][int(rest[1])].data, z[k], 0, 0, f"weights {k}")
@@ -65,6 +68,27 @@ def test_layer_case(case, test_device):
             assert_close(net.blobs[rest[0]].diff, z[k], rtol, atol, k)
         elif kind == "param_diff":
             assert_close(net.params[rest[0]][int(rest[1])].diff, z[k], rtol, atol, k)
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_case(case):
+    run_layer_case(require_reference("layers", case))
+
+
+def _fork_cases(fork):
+    d = REFERENCE / "forks" / fork
+    if not d.is_dir():
+        return [(fork, "(missing)")]
+    return [(fork, c) for c in sorted(os.listdir(d)) if (d / c).is_dir()]
+
+
+# The real forks' outputs (../shared/reference/forks/<fork>/README.md): the same format.
+FORK_CASES = _fork_cases("ssd") + _fork_cases("deeplab") + _fork_cases("segnet")
+
+
+@pytest.mark.parametrize("fork, case", FORK_CASES, ids=[f"{f}/{c}" for f, c in FORK_CASES])
+def test_fork_case(fork, case):
+    run_layer_case(require_reference("forks", fork, case))
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES)

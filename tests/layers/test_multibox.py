@@ -1,6 +1,6 @@
 """MultiBoxLoss (SSD fork): matching and mining on crafted boxes, the loss against a numpy reading
 of the fork's definition, gradient checks, and errors. The fork's own outputs are checked by the
-reference cases in ../shared/reference/forks/ssd (tests/test_fork_references_ssd.py)."""
+reference cases in ../shared/reference/forks/ssd (tests/test_reference_cases.py::test_fork_case)."""
 import numpy as np
 import pytest
 import torch
