@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from .. import rng
 from ..data.annotated_transform import (
     Boxes,
     crop_image,
@@ -30,10 +29,9 @@ from ..data.annotated_transform import (
     update_boxes_for_resize,
 )
 from ..data.db import DBError
-from ..data.transformer import DataTransformer, TransformError
+from ..data.transformer import TransformError
 from ..layer import register
 from ..log import get_logger
-from ..parallel import solver_rank_and_count
 from ..proto import caffe_pb2
 from .data import DataLayer, _BatchReader
 
@@ -162,16 +160,6 @@ class AnnotatedDataLayer(DataLayer):
     label_map_file, anno_type)."""
 
     def layer_setup(self, bottom, top):
-        dp = self.layer_param.data_param
-        batch_size = int(dp.batch_size)
-        if batch_size <= 0:
-            raise self.error("data_param.batch_size must be positive")
-        where = f"{self._db.backend} {dp.source!r}"
-        gen = rng.layer_generator(self.name, self.phase)
-        try:
-            transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
-        except TransformError as e:
-            raise self.error(str(e)) from None
         noise = self.layer_param.transform_param.noise_param
         if noise.prob > 0:
             # The fork's ApplyNoise is a set of OpenCV filters (equalization, blur, JPEG, posterize,
@@ -181,20 +169,8 @@ class AnnotatedDataLayer(DataLayer):
         for i, bs in enumerate(self.layer_param.annotated_data_param.batch_sampler):
             if bs.max_trials <= 0:
                 raise self.error(f"batch_sampler {i}: max_trials must be positive")
-        cursor = self._db.new_cursor()
-        if not cursor.valid():
-            raise self.error(f"{where} holds no records")
-        if dp.rand_skip:
-            skip = int(gen.integers(dp.rand_skip))
-            log.info("Skipping first %d data points.", skip)
-            for _ in range(skip):
-                cursor.next()
-                if not cursor.valid():
-                    cursor.seek_to_first()
-        rank, world = (0, 1) if self.phase == caffe_pb2.TEST else solver_rank_and_count()
-        reader = _AnnotatedBatchReader(self._db, cursor, transformer, batch_size, len(top) > 1, self.dtype,
-                                       pin=self.device.type == "cuda", where=where, rank=rank, world=world,
-                                       layer_param=self.layer_param)
+        reader = self.make_reader(_AnnotatedBatchReader, len(top) > 1, layer_param=self.layer_param)
+        transformer, batch_size = reader.transformer, reader.batch_size
         try:
             first = reader.read_datum()
             shape = list(transformer.decode(first.datum).shape)

@@ -259,14 +259,16 @@ class DataLayer(PrefetchingDataLayer):
             tp.force_color = True
         return tp
 
-    def layer_setup(self, bottom, top):
+    def make_reader(self, reader_cls, output_labels: bool, **extra):
+        """The batch reader of this layer: its transformer (random draws from a generator seeded by
+        the global seed and the layer, so runs repeat exactly), its cursor after ``rand_skip``, and
+        its share of the records in multi-solver training (TEST nets, only on the root solver, read
+        everything, as Caffe)."""
         dp = self.layer_param.data_param
         batch_size = int(dp.batch_size)
         if batch_size <= 0:
             raise self.error("data_param.batch_size must be positive")
         where = f"{self._db.backend} {dp.source!r}"
-        # Crops and mirrors draw from a generator seeded from the global seed (and the layer), so
-        # runs repeat exactly.
         gen = rng.layer_generator(self.name, self.phase)
         try:
             transformer = DataTransformer(self._transform_param(), self.phase, gen, self.dtype)
@@ -285,21 +287,23 @@ class DataLayer(PrefetchingDataLayer):
                         cursor.seek_to_first()
         except DBError as e:  # a damaged database (its reader process reports it)
             raise self.error(str(e)) from None
-        # In multi-solver training each TRAIN solver reads its own share of the records; only
-        # the root solver tests, so TEST nets read everything (as Caffe).
         rank, world = (0, 1) if self.phase == caffe_pb2.TEST else solver_rank_and_count()
-        reader = _BatchReader(self._db, cursor, transformer, batch_size, len(top) > 1, self.dtype,
-                              pin=self.device.type == "cuda", where=where, rank=rank, world=world)
+        return reader_cls(self._db, cursor, transformer, batch_size, output_labels, self.dtype,
+                          pin=self.device.type == "cuda", where=where, rank=rank, world=world, **extra)
+
+    def layer_setup(self, bottom, top):
+        reader = self.make_reader(_BatchReader, len(top) > 1)
+        transformer = reader.transformer
         try:
             shape = transformer.infer_blob_shape(reader.read_datum())
         except (TransformError, DBError) as e:
             raise self.error(str(e)) from None
-        shape[0] = batch_size
+        shape[0] = reader.batch_size
         top[0].reshape(shape)
         log.info("output data size: %d,%d,%d,%d", top[0].num, top[0].channels, top[0].height,
                  top[0].width)
         if len(top) > 1:
-            top[1].reshape((batch_size,))
+            top[1].reshape((reader.batch_size,))
         self.start_loading(reader, on_exit=reader.close)
 
     def close(self) -> None:
