@@ -154,3 +154,9 @@ def test_nvcaffe_fields_are_not_ignored_silently(tmp_path):
     with capture_log() as lines:
         caffe.get_solver(solver)
     assert any("NVCaffe's solver fields (solver_data_type, larc)" in line for line in lines)
+
+
+def test_deeplab_transform_fields_name_the_fork():
+    text = 'layer { name: "d" type: "ImageSegData" transform_param { crop_height: 321 } }'
+    with pytest.raises(ProtoFileError, match=r"train\.prototxt:1:.*crop_height.*DeepLab"):
+        parse_text(text, caffe_pb2.NetParameter(), filename="train.prototxt")

@@ -122,6 +122,8 @@ UNSUPPORTED_FORK_FIELDS: dict[str, str] = {
     "bias_channel_param": DEEPLAB, "unique_label_param": DEEPLAB, "trt_param": NVCAFFE,
     "box_annotator_ohem_param": "R-FCN / Deformable ConvNets (OHEM)", "yolo_v3_param": "YOLOv3 Caffe ports",
     "yolo_detection_output_param": "MobileNet-YOLO (eric612/MobileNet-YOLO)",
+    # DeepLab v2's transform_param additions (8-10 there: SSD's resize_param/noise_param/emit_constraint)
+    "scale_factors": DEEPLAB, "crop_height": DEEPLAB, "crop_width": DEEPLAB,
 }
 
 # Binary re-reading: layer type -> (BVLC field a fork number landed in, our field for that number).
