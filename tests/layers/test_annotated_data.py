@@ -6,8 +6,8 @@ from helpers import make_net
 from PIL import Image
 
 from recaffe.data.annoset import convert_annoset
-from recaffe.data.annotated_transform import (bgr_to_hsv, coverage, generate_batch_samples, hsv_to_bgr,
-                                              jaccard, sample_boxes, satisfied, satisfies)
+from recaffe.data.annotated_transform import (apply_noise, bgr_to_hsv, coverage, generate_batch_samples,
+                                              hsv_to_bgr, jaccard, sample_boxes, satisfied, satisfies)
 from recaffe.layer import LayerError
 from recaffe.proto import caffe_pb2
 
@@ -140,8 +140,8 @@ def test_errors(tmp_path):
     db = make_db(tmp_path, [[(8, 4, 24, 20)]])
     with pytest.raises(LayerError, match="crop_size 100"):
         net(db, 1, "crop_size: 100").forward()
-    with pytest.raises(LayerError, match="noise_param"):
-        net(db, 1, "noise_param { prob: 0.5 decolorize: true }")
+    with pytest.raises(LayerError, match="clahe"):
+        net(db, 1, "noise_param { clahe: true }")
     with pytest.raises(LayerError, match="max_trials"):
         net(db, 1, "", "batch_sampler { max_trials: 0 }")
 
@@ -191,3 +191,51 @@ def test_vectorized_constraint_matches_the_forks_loop(constraint):
     want = [fork_satisfies(x, objects, c) for x in samples]
     assert satisfied(samples, objects, c).tolist() == want
     assert any(want)
+
+
+def noise(**kw):
+    return caffe_pb2.NoiseParameter(**kw)
+
+
+def test_noise_filters_against_their_definitions():
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (3, 9, 11), dtype=np.uint8)
+    gen = np.random.default_rng(0)
+    assert (apply_noise(img, noise(inverse=True), gen) == 255 - img).all()
+    assert (apply_noise(img, noise(posterize=True), gen) == img // 64 * 64 + 32).all()
+    grey = apply_noise(img, noise(decolorize=True), gen)
+    want = np.rint(0.114 * img[0] + 0.587 * img[1] + 0.299 * img[2])
+    assert (grey[0] == grey[1]).all() and (grey[1] == grey[2]).all()
+    assert np.abs(grey[0].astype(int) - want).max() <= 1
+    # erosion by the 3x3 cross: the minimum of each pixel and its 4 neighbours
+    er = apply_noise(img, noise(erode=True), gen).astype(int)
+    i, j = 4, 5
+    assert (er[:, i, j] == np.min([img[:, i, j], img[:, i - 1, j], img[:, i + 1, j], img[:, i, j - 1],
+                                   img[:, i, j + 1]], axis=0)).all()
+    # the blur keeps a constant image and smooths an impulse into a normalized 7x7 Gaussian
+    flat = np.full((3, 9, 9), 77, np.uint8)
+    assert (apply_noise(flat, noise(gauss_blur=True), gen) == 77).all()
+    impulse = np.zeros((1, 15, 15), np.uint8)
+    impulse[0, 7, 7] = 255
+    blurred = apply_noise(impulse, noise(gauss_blur=True), gen)[0].astype(float)
+    assert blurred[7, 7] == blurred.max() and blurred[7, 6] == blurred[6, 7] == blurred[7, 8]
+    assert blurred[7, 11] == 0 and blurred[7, 10] > 0  # the 7x7 kernel reaches 3 pixels out
+    # salt and pepper: exactly the drawn pixels take the value
+    sp = apply_noise(img, noise(saltpepper=True, saltpepper_param=dict(fraction=0.2, value=[0])), gen)
+    changed = (sp != img).any(0)
+    assert 0 < changed.sum() <= int(0.2 * 9 * 11) and (sp[:, changed] == 0).all()
+    # histogram equalization of the luma spreads a low-contrast image over the full range
+    dull = (rng.integers(100, 120, (3, 16, 16))).astype(np.uint8)
+    eq = apply_noise(dull, noise(hist_eq=True), gen)
+    assert np.ptp(eq.astype(int)) > 3 * np.ptp(dull.astype(int))
+    # JPEG at quality 95 stays close, at quality 5 does not
+    smooth = np.repeat(np.linspace(0, 255, 16 * 16).reshape(1, 16, 16), 3, 0).astype(np.uint8)
+    assert np.abs(apply_noise(smooth, noise(jpeg=95), gen).astype(int) - smooth).mean() < 3
+    assert (apply_noise(img, noise(convert_to_hsv=True), gen) == bgr_to_hsv(img)).all()
+
+
+def test_noise_param_in_the_layer_keeps_boxes(tmp_path):
+    db = make_db(tmp_path, [[(8, 4, 24, 20)], [(30, 10, 60, 40)]])
+    n = net(db, 2, "noise_param { posterize: true gauss_blur: true }")
+    n.forward()
+    boxes_follow_pixels(n.blobs["data"].data, n.blobs["label"].data)

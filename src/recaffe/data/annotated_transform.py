@@ -415,3 +415,108 @@ def hsv_to_bgr(hsv: np.ndarray) -> np.ndarray:
     g = np.choose(i, [row[1] for row in table])
     b = np.choose(i, [row[2] for row in table])
     return np.stack([_saturate(b), _saturate(g), _saturate(r)])
+
+
+# ------------------------------------------------------------------ noise (im_transforms.cpp ApplyNoise)
+def apply_noise(img: np.ndarray, p: caffe_pb2.NoiseParameter, rng: np.random.Generator) -> np.ndarray:
+    """The fork's ApplyNoise, applied whenever ``noise_param`` is set (the fork never reads its
+    ``prob``), in its order: decolorize, Gaussian blur (7x7, sigma 1.5), histogram equalization of the
+    luma, JPEG at quality ``jpeg``, erosion (3x3 cross), posterize (64 levels), inverse, salt and
+    pepper (``fraction`` of the pixels set to ``value``), HSV. CLAHE and Lab are refused."""
+    if p.clahe or p.convert_to_lab:
+        raise TransformError("noise_param: clahe and convert_to_lab are not supported")
+    out = img
+    if p.decolorize and out.shape[0] == 3:
+        from .image_file import bgr_to_gray
+        out = np.repeat(bgr_to_gray(out), 3, axis=0)
+    if p.gauss_blur:
+        out = _gaussian_blur(out, 7, 1.5)
+    if p.hist_eq:
+        if out.shape[0] == 3:
+            y, cr, cb = _bgr_to_ycrcb(out)
+            out = _ycrcb_to_bgr(_equalize(y), cr, cb)
+        else:
+            out = np.stack([_equalize(c) for c in out])
+    if p.jpeg > 0:
+        out = _jpeg(out, int(p.jpeg))
+    if p.erode:
+        out = _erode_cross(out)
+    if p.posterize:
+        out = (out // 64 * 64 + 32).astype(np.uint8)
+    if p.inverse:
+        out = (255 - out).astype(np.uint8)
+    if p.saltpepper:
+        values = list(p.saltpepper_param.value)
+        c, h, w = out.shape
+        if len(values) not in (1, c):
+            raise TransformError(f"saltpepper_param: give 1 value or one per channel ({c})")
+        v = np.array(values * c if len(values) == 1 else values, dtype=np.float64).astype(np.uint8)
+        n = int(np.floor(p.saltpepper_param.fraction * w * h))
+        if n:
+            out = out.copy()
+            xs, ys = rng.integers(0, w, n), rng.integers(0, h, n)
+            out[:, ys, xs] = v[:, None]
+    if p.convert_to_hsv:
+        out = bgr_to_hsv(out)
+    return np.ascontiguousarray(out)
+
+
+def _gaussian_blur(img: np.ndarray, k: int, sigma: float) -> np.ndarray:
+    """cv::GaussianBlur with a k x k kernel, BORDER_REFLECT_101 (numpy's 'reflect'), rounded."""
+    x = np.arange(k) - (k - 1) / 2
+    g = np.exp(-x * x / (2 * sigma * sigma))
+    g /= g.sum()
+    r = k // 2
+    a = np.pad(img.astype(np.float64), ((0, 0), (r, r), (r, r)), mode="reflect")
+    a = sum(g[i] * a[:, :, i:i + img.shape[2]] for i in range(k))
+    a = sum(g[i] * a[:, i:i + img.shape[1], :] for i in range(k))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _bgr_to_ycrcb(img: np.ndarray):
+    b, g, r = (img[i].astype(np.float64) for i in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return y, (r - y) * 0.713 + 128, (b - y) * 0.564 + 128
+
+
+def _ycrcb_to_bgr(y: np.ndarray, cr: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    y = y.astype(np.float64)
+    r = y + 1.403 * (cr - 128)
+    g = y - 0.714 * (cr - 128) - 0.344 * (cb - 128)
+    b = y + 1.773 * (cb - 128)
+    return np.clip(np.rint(np.stack([b, g, r])), 0, 255).astype(np.uint8)
+
+
+def _equalize(plane: np.ndarray) -> np.ndarray:
+    """cv::equalizeHist of one 8-bit plane (given as float or uint8)."""
+    v = np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+    hist = np.bincount(v.ravel(), minlength=256)
+    first = int(np.nonzero(hist)[0][0])
+    total = v.size
+    if hist[first] == total:
+        return np.full_like(v, first)
+    scale = np.float32(255.0 / (total - hist[first]))
+    lut = np.zeros(256, dtype=np.uint8)
+    cum = np.cumsum(hist)
+    lut[first + 1:] = np.clip(np.rint((cum[first + 1:] - hist[first]) * scale), 0, 255).astype(np.uint8)
+    return lut[v]
+
+
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    from .transformer import decode_image
+    rgb = img[::-1].transpose(1, 2, 0) if img.shape[0] == 3 else img[0]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="JPEG", quality=quality)
+    return decode_image(buf.getvalue(), force_color=True)
+
+
+def _erode_cross(img: np.ndarray) -> np.ndarray:
+    """cv::erode with the 3x3 elliptic (cross) element; outside the image counts as the maximum."""
+    a = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="constant", constant_values=255)
+    h, w = img.shape[1:]
+    return np.minimum.reduce([a[:, 1:h + 1, 1:w + 1], a[:, 0:h, 1:w + 1], a[:, 2:h + 2, 1:w + 1],
+                              a[:, 1:h + 1, 0:w], a[:, 1:h + 1, 2:w + 2]])

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 from ..data.annotated_transform import (
     Boxes,
+    apply_noise,
     crop_image,
     distort_image,
     expand_image,
@@ -93,6 +94,8 @@ class _AnnotatedBatchReader(_BatchReader):
             boxes = Boxes(update_boxes_for_resize(boxes.xyxy, self.tp.resize_param, w, h), boxes.label,
                           boxes.instance, boxes.difficult)
             img = resize_image(img, self.tp.resize_param, self.gen)
+        if self.tp.HasField("noise_param"):  # after the resize, before the crop, as the fork
+            img = apply_noise(img, self.tp.noise_param, self.gen)
         _, h, w = img.shape
         flip = bool(t.mirror and self.gen.integers(0, 2))
         crop = t.crop_size
@@ -161,11 +164,8 @@ class AnnotatedDataLayer(DataLayer):
 
     def layer_setup(self, bottom, top):
         noise = self.layer_param.transform_param.noise_param
-        if noise.prob > 0:
-            # The fork's ApplyNoise is a set of OpenCV filters (equalization, blur, JPEG, posterize,
-            # erosion, salt and pepper, CLAHE, colour spaces); refused rather than silently skipped.
-            raise self.error("transform_param.noise_param (the SSD fork's OpenCV noise filters) is not "
-                             "supported; remove it or set its prob to 0")
+        if noise.clahe or noise.convert_to_lab:
+            raise self.error("transform_param.noise_param: clahe and convert_to_lab are not supported")
         for i, bs in enumerate(self.layer_param.annotated_data_param.batch_sampler):
             if bs.max_trials <= 0:
                 raise self.error(f"batch_sampler {i}: max_trials must be positive")
