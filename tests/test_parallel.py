@@ -3,7 +3,6 @@ iter_size 2 on the same batches; only rank 0 tests and snapshots; failures do no
 import functools
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -126,11 +125,10 @@ def test_error_in_one_rank_is_raised_not_hung(tmp_path):
     net = tmp_path / "net.prototxt"
     net.write_text(NET % (db, 2))
     missing = str(tmp_path / "missing.caffemodel")
-    start = time.monotonic()
-    # Only rank 0 loads weights: rank 1 is already waiting for its broadcast when rank 0 fails.
+    # Only rank 0 loads weights: rank 1 is already waiting for its broadcast when rank 0 fails. A hang
+    # would end at the launcher's timeout with a timeout error, not with rank 0's error matched here.
     with pytest.raises(DataParallelError, match=r"rank 0(.|\n)*missing\.caffemodel"):
-        train_data_parallel(_solver(str(net)), ["cpu", "cpu"], weights=missing, timeout_s=60)
-    assert time.monotonic() - start < 30
+        train_data_parallel(_solver(str(net)), ["cpu", "cpu"], weights=missing, timeout_s=120)
 
 
 def test_bad_solver_path_fails_before_spawning(tmp_path):
