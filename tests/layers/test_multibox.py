@@ -177,3 +177,20 @@ def test_errors():
         forward_layer(text(), good[:3] + [gt_blob([[0, 0, 0, *priors[0], 0]])])
     with pytest.raises(LayerError, match="share_location"):
         forward_layer(text(share_location=False), [np.zeros((1, 48))] + good[1:])
+
+
+def test_logistic_without_mining_leaves_unmatched_targets_at_zero():
+    # the fork fills the logistic targets with background_label_id (0) and marks only the matched
+    # priors' labels: an unmatched prior is pushed towards 0 on every class, background included
+    priors = grid_priors(2)
+    rng = np.random.default_rng(4)
+    conf = rng.normal(0, 1, (1, 4 * 3))
+    loc = np.zeros((1, 16))
+    gt = gt_blob([[0, 2, 0, *priors[1], 0]])  # exactly prior 1, label 2: no location error
+    (loss,) = forward_layer(text(mining_type="NONE", conf_loss_type="LOGISTIC", code_type="CORNER"),
+                            [loc, conf, prior_blob(priors), gt])
+    x = conf.reshape(4, 3)
+    target = np.zeros((4, 3))
+    target[1, 2] = 1.0
+    want = (np.logaddexp(0, x) - x * target).sum()  # sigmoid cross-entropy, summed (normalizer 1)
+    assert float(loss) == pytest.approx(want / 1, rel=1e-10)  # VALID: one match

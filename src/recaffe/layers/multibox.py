@@ -275,9 +275,12 @@ class MultiBoxLossLayer(LossLayer):
                 grad = prob.clone()
                 grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
             else:
-                target = torch.zeros_like(pred)
-                valid = (labels >= 0) & (labels < nc)
-                target[valid.nonzero()[:, 0], labels[valid]] = 1.0
+                # The fork fills every target with background_label_id (0 in practice), then sets 1 at
+                # the label of matched priors and, when mining, at the background of the negatives;
+                # without mining an unmatched prior's targets keep the fill value.
+                target = torch.full_like(pred, float(p.background_label_id))
+                hot = self.conf_hot & (labels >= 0) & (labels < nc)
+                target[hot.nonzero()[:, 0], labels[hot]] = 1.0
                 conf_loss = _logistic_loss(pred, target).sum()
                 grad = torch.sigmoid(pred) - target
             self.conf_grad = grad
@@ -333,11 +336,15 @@ class MultiBoxLossLayer(LossLayer):
         n, np_ = self.num, self.num_priors
         if self.mining == _P.NONE:
             labels = torch.full((n, np_), p.background_label_id, dtype=torch.long, device=conf.device)
+            matched = torch.zeros((n, np_), dtype=torch.bool, device=conf.device)
             for i, mi in enumerate(matches):
                 for label in sorted(mi):
                     m = mi[label][0]
                     hit = m > -1
                     labels[i, hit] = gts[i][1][m[hit]]
+                    matched[i] |= hit
+            # the LOGISTIC targets of unmatched priors stay at the fill value (see forward)
+            self.conf_hot = matched.reshape(-1)
             return (torch.arange(n * np_, device=conf.device),), labels.reshape(-1)
         imgs, priors_idx, labels = [], [], []
         for i, mi in enumerate(matches):
@@ -355,7 +362,9 @@ class MultiBoxLossLayer(LossLayer):
             labels.append(torch.full_like(neg, p.background_label_id))
         if not imgs or sum(t.numel() for t in imgs) == 0:
             return None, None
-        return (torch.cat(imgs), torch.cat(priors_idx)), torch.cat(labels)
+        labels = torch.cat(labels)
+        self.conf_hot = torch.ones_like(labels, dtype=torch.bool)
+        return (torch.cat(imgs), torch.cat(priors_idx)), labels
 
     def _mine(self, matches, gts, loc, conf, priors, variances, num_matches):
         """The fork's MineHardExamples: negatives per image (ascending prior index); HARD_EXAMPLE
