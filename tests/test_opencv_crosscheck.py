@@ -50,3 +50,21 @@ def test_detections_match_opencv(model, tmp_path):
     theirs = rows_as_set(cv.forward("detection_out"))
     assert len(ours) > 10 and ours.shape == theirs.shape
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-4)  # the reference cases' tolerance
+
+
+@pytest.mark.parametrize("model", ["shufflenet_g3", "yolov2_tiny", "yolov2"])
+def test_mobile_and_yolo_nets_match_opencv(model, tmp_path):
+    """ShuffleChannel, ConvolutionDepthwise (ShuffleNet) and Reorg (YOLOv2) through whole nets."""
+    proto = str(require_reference("forks", "models", f"{model}.prototxt"))
+    net = caffe.Net(proto, caffe.TEST)
+    rng = np.random.default_rng(0)
+    random_weights(net, rng)
+    weights = str(tmp_path / "w.caffemodel")
+    net.save(weights)
+    x = rng.uniform(-1, 1, net.blobs[net.inputs[0]].data.shape).astype(np.float32)
+    net.blobs[net.inputs[0]].data[...] = x
+    ours = net.forward()
+    cv = cv2.dnn.readNetFromCaffe(proto, weights)
+    cv.setInput(x)
+    for name, theirs in zip(ours, cv.forward(list(ours))):
+        np.testing.assert_allclose(ours[name].reshape(theirs.shape), theirs, atol=1e-5, rtol=1e-4, err_msg=name)
