@@ -23,7 +23,7 @@ from ..proto import caffe_pb2
 from .annotations import AnnotationError, annotate, map_name_to_label, read_label_map
 from .db import NEW, open_db
 from .image_file import ImageReadError, encode_image, read_image, resize_linear
-from .imageset import COMMIT_EVERY, ImagesetError, image_to_datum, read_image_to_datum
+from .imageset import ImagesetError, image_to_datum, read_image_to_datum, write_records
 
 log = get_logger(__name__)
 
@@ -110,10 +110,10 @@ def convert_annoset(root_folder: str, list_file: str, db_path: str, *, anno_type
     if encode_type and not encoded:
         log.info("encode_type specified, assuming encoded=true.")
         encoded = True
-    db = open_db(backend, db_path, NEW)
-    count, data_size = 0, None
-    try:
-        txn = db.new_transaction()
+    data_size = None
+
+    def records():
+        nonlocal data_size
         for index, (image, second, number) in enumerate(lines):
             path = root_folder + image
             encoding = encode_type
@@ -142,17 +142,9 @@ def convert_annoset(root_folder: str, list_file: str, db_path: str, *, anno_type
                     raise ImagesetError(f"-check_size: Incorrect data field size {len(record.datum.data)} "
                                         f"for {path} (line {number} of {list_file})")
             key = b"%08d_" % index + image.encode("utf-8", "surrogateescape")
-            txn.put(key, record.SerializeToString())
-            count += 1
-            if count % COMMIT_EVERY == 0:
-                txn.commit()
-                log.info("Processed %d files.", count)
-        if count % COMMIT_EVERY != 0:
-            txn.commit()
-            log.info("Processed %d files.", count)
-    finally:
-        db.close()
-    return count
+            yield key, record.SerializeToString()
+
+    return write_records(open_db(backend, db_path, NEW), records())
 
 
 def write_image_sizes(root_folder: str, list_file: str, out_file: str, name_id_file: str = "") -> int:

@@ -163,11 +163,10 @@ def convert_imageset(root_folder: str, list_file: str | os.PathLike, db_path: st
         root_hint = f" (file names are appended to ROOTFOLDER {root_folder!r} as they are: " \
                     f"did you mean {root_folder + '/'!r}?)"
 
-    db = open_db(backend, db_path, NEW)
-    count = 0
     first_size: tuple[int, str] | None = None
-    try:
-        txn = db.new_transaction()
+
+    def records():
+        nonlocal first_size
         with _progress(len(entries), progress) as bar:
             for index, entry in enumerate(entries):
                 bar.update(1)
@@ -193,11 +192,24 @@ def convert_imageset(root_folder: str, list_file: str | os.PathLike, db_path: st
                             f"{entry.line} of {list_file}): it is {datum.channels}x{datum.height}x"
                             f"{datum.width}, but the first image {first_size[1]} has {first_size[0]} values")
                 key = b"%08d_" % index + entry.filename.encode("utf-8", "surrogateescape")
-                txn.put(key, datum.SerializeToString())
-                count += 1
-                if count % COMMIT_EVERY == 0:
-                    txn.commit()
-                    log.info("Processed %d files.", count)
+                yield key, datum.SerializeToString()
+
+    return write_records(open_db(backend, db_path, NEW), records())
+
+
+def write_records(db, records) -> int:
+    """Put ``(key, value)`` pairs into ``db`` (then closed), committing every COMMIT_EVERY records
+    and logging "Processed N files." as Caffe's converters do; returns the number written. Records
+    put before an error stay committed up to the last full batch, as in Caffe."""
+    count = 0
+    try:
+        txn = db.new_transaction()
+        for key, value in records:
+            txn.put(key, value)
+            count += 1
+            if count % COMMIT_EVERY == 0:
+                txn.commit()
+                log.info("Processed %d files.", count)
         if count % COMMIT_EVERY != 0:
             txn.commit()
             log.info("Processed %d files.", count)
