@@ -21,22 +21,15 @@ Flags:
 
 
 def _flags() -> FlagSet:
-    f = FlagSet()
-    f.add("gray", False, "When this option is on, treat images as grayscale ones")
-    f.add("shuffle", False, "Randomly shuffle the order of images and their labels")
-    f.add("backend", "lmdb", "The backend {lmdb, leveldb} for storing the result")
+    from .convert_imageset import _flags as imageset_flags
+
+    f = imageset_flags()  # convert_imageset's flags, which the fork's tool shares
     f.add("anno_type", "classification", "The type of annotation {classification, detection}.")
     f.add("label_type", "xml", "The type of annotation file format {xml, json, txt}.")
     f.add("label_map_file", "", "A file with LabelMap protobuf message.")
     f.add("check_label", False, "When this option is on, check that there is no duplicated name/label.")
     f.add("min_dim", 0, "Minimum dimension images are resized to (keep same aspect ratio)")
     f.add("max_dim", 0, "Maximum dimension images are resized to (keep same aspect ratio)")
-    f.add("resize_width", 0, "Width images are resized to")
-    f.add("resize_height", 0, "Height images are resized to")
-    f.add("check_size", False, "When this option is on, check that all the datum have the same size")
-    f.add("encoded", False, "When this option is on, the encoded image will be save in datum")
-    f.add("encode_type", "", "What type should we encode the image as ('png','jpg',...).")
-    f.add("shuffle_seed", 0, "recaffe: the seed of -shuffle's order (the fork's is unseeded)")
     return f
 
 
