@@ -6,12 +6,34 @@ from helpers import make_net
 from PIL import Image
 
 from recaffe.data.annoset import convert_annoset
-from recaffe.data.annotated_transform import (apply_noise, bgr_to_hsv, coverage, generate_batch_samples,
-                                              hsv_to_bgr, jaccard, sample_boxes, satisfied, satisfies)
+from recaffe.data.annotated_transform import (apply_noise, bgr_to_hsv, generate_batch_samples, hsv_to_bgr,
+                                              sample_boxes, satisfied)
 from recaffe.layer import LayerError
 from recaffe.proto import caffe_pb2
 
 BG, FG = 40, 250
+
+
+def intersection(a, b):
+    """SSD's IntersectBBox area for normalized boxes (0 when they are apart)."""
+    if b[0] > a[2] or b[2] < a[0] or b[1] > a[3] or b[3] < a[1]:
+        return 0.0
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def area(a):
+    return max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+
+
+def jaccard(a, b):
+    i = intersection(a, b)
+    return i / (area(a) + area(b) - i) if i > 0 else 0.0
+
+
+def coverage(of, by):
+    """SSD's BBoxCoverage: the share of ``of``'s area inside ``by``."""
+    i = intersection(of, by)
+    return i / area(of) if i > 0 else 0.0
 
 
 def make_db(tmp_path, boxes_per_image, size=(48, 64), encoded=False):
@@ -118,12 +140,12 @@ def test_sampled_crops_satisfy_their_constraint():
     for _ in range(30):
         for s in generate_batch_samples(objects, [bs], rng):
             assert (0 <= s).all() and (s <= 1).all()
-            assert max(jaccard(s, objects)) >= 0.5
+            assert max(jaccard(s, o) for o in objects) >= 0.5
     # the fork's quirk: one kind met by some object is enough even if another object fails the next kind
     c = caffe_pb2.SampleConstraint(min_jaccard_overlap=0.5, min_object_coverage=0.99)
     sample = np.array([0.1, 0.1, 0.5, 0.6])
-    assert satisfies(sample, objects[:1], c)
-    assert not satisfies(np.array([0.0, 0.0, 0.05, 0.05]), objects, c)
+    assert satisfied(sample[None], objects[:1], c)[0]
+    assert not satisfied(np.array([[0.0, 0.0, 0.05, 0.05]]), objects, c)[0]
 
 
 def test_hsv_matches_opencv_primaries():
@@ -156,19 +178,19 @@ def fork_satisfies(sample, objects, c):
     found = False
     for obj in objects:
         if has_j:
-            v = jaccard(sample, obj[None])[0]
+            v = jaccard(sample, obj)
             if (c.HasField("min_jaccard_overlap") and v < c.min_jaccard_overlap) or \
                     (c.HasField("max_jaccard_overlap") and v > c.max_jaccard_overlap):
                 continue
             found = True
         if has_s:
-            v = coverage(sample, obj[None])[0]
+            v = coverage(sample, obj)
             if (c.HasField("min_sample_coverage") and v < c.min_sample_coverage) or \
                     (c.HasField("max_sample_coverage") and v > c.max_sample_coverage):
                 continue
             found = True
         if has_o:
-            v = coverage(obj, sample[None])[0]
+            v = coverage(obj, sample)
             if (c.HasField("min_object_coverage") and v < c.min_object_coverage) or \
                     (c.HasField("max_object_coverage") and v > c.max_object_coverage):
                 continue
@@ -239,3 +261,16 @@ def test_noise_param_in_the_layer_keeps_boxes(tmp_path):
     n = net(db, 2, "noise_param { posterize: true gauss_blur: true }")
     n.forward()
     boxes_follow_pixels(n.blobs["data"].data, n.blobs["label"].data)
+
+
+def test_emit_constraint_min_overlap():
+    from recaffe.data.annotated_transform import Boxes, project_boxes
+    boxes = Boxes(np.array([[0.4, 0.0, 0.6, 0.2], [0.1, 0.1, 0.2, 0.2]], np.float32), np.array([1, 2]),
+                  np.array([0, 0]), np.array([False, False]))
+    crop = np.array([0.5, 0.0, 1.0, 0.5])  # holds half of box 0, none of box 1
+    for overlap, kept in [(0.4, [1]), (0.6, [])]:
+        emit = caffe_pb2.EmitConstraint(emit_type=caffe_pb2.EmitConstraint.MIN_OVERLAP, emit_overlap=overlap)
+        out = project_boxes(crop, boxes, emit)
+        assert out.label.tolist() == kept
+    out = project_boxes(crop, boxes, None)  # without a constraint: the part inside, re-expressed
+    np.testing.assert_allclose(out.xyxy, [[0.0, 0.0, 0.2, 0.4]], atol=1e-6)

@@ -80,28 +80,6 @@ def _areas(b: np.ndarray) -> np.ndarray:
     return np.where((w < 0) | (h < 0), 0.0, w * h)
 
 
-def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection areas of ``a [4]`` with each of ``b [n, 4]`` (0 when disjoint, as the fork)."""
-    disjoint = (b[:, 0] > a[2]) | (b[:, 2] < a[0]) | (b[:, 1] > a[3]) | (b[:, 3] < a[1])
-    w = np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0])
-    h = np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1])
-    return np.where(disjoint, 0.0, np.clip(w, 0, None) * np.clip(h, 0, None))
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    inter = _intersection(a, b)
-    union = _areas(a) + _areas(b) - inter
-    return np.where(inter > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def coverage(of: np.ndarray, by: np.ndarray, reverse: bool = False) -> np.ndarray:
-    """BBoxCoverage: the share of ``of``'s area inside each ``by`` box (``reverse``: each ``by``
-    box's share inside ``of``)."""
-    inter = _intersection(of, by)
-    denom = _areas(by) if reverse else np.full(len(by), _areas(of))
-    return np.where(inter > 0, inter / np.where(denom > 0, denom, 1), 0.0)
-
-
 def project_boxes(src: np.ndarray, boxes: Boxes, emit: caffe_pb2.EmitConstraint | None) -> Boxes:
     """The fork's TransformAnnotation without resize/mirror: boxes that meet the emit constraint and
     overlap ``src``, re-expressed relative to ``src`` and clipped to [0, 1]."""
@@ -112,7 +90,7 @@ def project_boxes(src: np.ndarray, boxes: Boxes, emit: caffe_pb2.EmitConstraint 
             cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
             keep &= (cx >= src[0]) & (cx <= src[2]) & (cy >= src[1]) & (cy <= src[3])
         else:  # MIN_OVERLAP: the share of the box inside src
-            cov = np.array([coverage(box, src[None])[0] for box in b]) if len(b) else np.zeros(0)
+            cov = _pairwise("sample_coverage", b, src[None])[:, 0]  # the share of each box inside src
             keep &= cov > emit.emit_overlap
     keep &= ~((b[:, 0] >= src[2]) | (b[:, 2] <= src[0]) | (b[:, 1] >= src[3]) | (b[:, 3] <= src[1]))
     sw, sh = src[2] - src[0], src[3] - src[1]
@@ -172,11 +150,6 @@ def satisfied(samples: np.ndarray, objects: np.ndarray, c: caffe_pb2.SampleConst
     return ok.any(axis=1)
 
 
-def satisfies(sample: np.ndarray, objects: np.ndarray, c: caffe_pb2.SampleConstraint) -> bool:
-    """One sample: :func:`satisfied`."""
-    return bool(satisfied(np.asarray(sample, dtype=np.float64)[None], objects, c)[0])
-
-
 def sample_boxes(s: caffe_pb2.Sampler, n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` of the fork's SampleBBox draws at once: boxes of random scale and aspect ratio."""
     if not (0 < s.min_scale <= s.max_scale <= 1):
@@ -191,11 +164,6 @@ def sample_boxes(s: caffe_pb2.Sampler, n: int, rng: np.random.Generator) -> np.n
     x = rng.uniform(0, 1, n) * np.clip(1 - w, 0, None)  # w, h <= 1 up to rounding
     y = rng.uniform(0, 1, n) * np.clip(1 - h, 0, None)
     return np.stack([x, y, x + w, y + h], 1)
-
-
-def sample_box(s: caffe_pb2.Sampler, rng: np.random.Generator) -> np.ndarray:
-    """One draw of :func:`sample_boxes`."""
-    return sample_boxes(s, 1, rng)[0]
 
 
 def generate_batch_samples(objects: np.ndarray, samplers, rng: np.random.Generator) -> list[np.ndarray]:
