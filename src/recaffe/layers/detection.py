@@ -123,6 +123,21 @@ def output_bbox(box: np.ndarray, size: tuple[int, int], resize=None) -> np.ndarr
     return np.clip(box, 0, 1) * np.array([w, h, w, h], "f4")
 
 
+def read_name_size_file(path: str, layer: Layer) -> tuple[list[str], list[tuple[int, int]]]:
+    """SSD's name_size_file: ``name height width`` per test image -> (names, (height, width)s)."""
+    try:
+        with open(path) as f:
+            words = f.read().split()
+    except OSError as e:
+        raise layer.error(f"failed to open name_size_file {path!r}: {e.strerror or e}") from None
+    if len(words) % 3:
+        raise layer.error(f"name_size_file {path!r}: expected lines 'name height width'")
+    try:
+        return words[0::3], [(int(h), int(w)) for h, w in zip(words[1::3], words[2::3])]
+    except ValueError:
+        raise layer.error(f"name_size_file {path!r}: height and width must be integers") from None
+
+
 @register("PriorBox")
 class PriorBoxLayer(Layer):
     """The prior (default) boxes of one feature map: top ``[1, 2, H*W*num_priors*4]``, channel 0
@@ -392,14 +407,7 @@ class DetectionOutputLayer(Layer):
         self.names: list[str] = []
         self.sizes: list[tuple[int, int]] = []
         if sp.HasField("name_size_file") and sp.name_size_file:
-            try:
-                with open(sp.name_size_file) as f:
-                    tokens = f.read().split()
-            except OSError as e:
-                raise self.error(f"failed to open name size file {sp.name_size_file!r}: {e}") from e
-            for i in range(0, len(tokens) - 2, 3):
-                self.names.append(tokens[i])
-                self.sizes.append((int(tokens[i + 1]), int(tokens[i + 2])))
+            self.names, self.sizes = read_name_size_file(sp.name_size_file, self)
             self.num_test_image = int(sp.num_test_image) if sp.HasField("num_test_image") else len(self.names)
             if self.num_test_image > len(self.names):
                 raise self.error(f"num_test_image {self.num_test_image} exceeds the {len(self.names)} names in "

@@ -10,8 +10,8 @@ overlap >= ``overlap_threshold``), in input order and all false positives otherw
 detection test mode turns these rows into average precision.
 
 With ``name_size_file`` (lines ``name height width``, one per test image in order) the boxes are
-scaled to pixels first (clipped to [0, 1], optionally through ``resize_param``'s WARP mode) and
-overlaps use pixel areas (+1), as the fork; the fork advances to the next size once per image that has
+scaled to pixels first (clipped to [0, 1], or through ``resize_param``'s FIT_SMALL_SIZE scales: the
+fork's OutputBBox, as DetectionOutput writes files) and overlaps use pixel areas (+1), as the fork; the fork advances to the next size once per image that has
 detections, and so do we.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from ..boxes import iou_matrix
 from ..layer import Layer, register
+from .detection import output_bbox, read_name_size_file
 from ..proto import caffe_pb2
 
 _Resize = caffe_pb2.ResizeParameter
@@ -42,9 +43,10 @@ class DetectionEvaluateLayer(Layer):
         self.p = p
         self.sizes: list[tuple[int, int]] = []
         if p.HasField("name_size_file"):
-            self.sizes = _read_name_sizes(p.name_size_file, self)
-        if p.HasField("resize_param") and p.resize_param.resize_mode not in (0, _Resize.WARP):
-            raise self.error("resize_param modes other than WARP are not supported in DetectionEvaluate")
+            self.sizes = read_name_size_file(p.name_size_file, self)[1]
+        self.resize = p.resize_param if p.HasField("resize_param") else None
+        if self.resize is not None and self.resize.resize_mode == _Resize.FIT_LARGE_SIZE_AND_PAD:
+            raise self.error("resize_param FIT_LARGE_SIZE_AND_PAD is not supported in DetectionEvaluate")
         self.count = 0
 
     def reshape(self, bottom, top):
@@ -95,7 +97,8 @@ class DetectionEvaluateLayer(Layer):
                 d = d[order]
                 d_boxes, g_boxes = d[:, 3:7], gt[g_sel, 3:7]
                 if size is not None:
-                    d_boxes, g_boxes = _to_pixels(d_boxes, size), _to_pixels(g_boxes, size)
+                    d_boxes, g_boxes = (torch.from_numpy(output_bbox(b.numpy(), size, self.resize))
+                                        for b in (d_boxes, g_boxes))
                 ov = iou_matrix(d_boxes, g_boxes, pixel=size is not None)
                 best, j = ov.max(1)  # the first maximum, as the fork's strict '>'
                 g_difficult = difficult[g_sel]
@@ -115,24 +118,3 @@ class DetectionEvaluateLayer(Layer):
                 self.count = (self.count + 1) % len(self.sizes)
         out = torch.tensor(rows, dtype=bottom[0].dtype).reshape(1, 1, -1, 5)
         top[0].data_t = out.to(bottom[0].device)
-
-
-def _to_pixels(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The fork's OutputBBox without resize: clip to [0, 1], then scale by (width, height)."""
-    h, w = size
-    scale = torch.tensor([w, h, w, h], dtype=boxes.dtype)
-    return boxes.clamp(0, 1) * scale
-
-
-def _read_name_sizes(path: str, layer: Layer) -> list[tuple[int, int]]:
-    try:
-        with open(path) as f:
-            words = f.read().split()
-    except OSError as e:
-        raise layer.error(f"cannot open name_size_file {path!r}: {e.strerror}") from None
-    if len(words) % 3:
-        raise layer.error(f"name_size_file {path!r}: expected lines 'name height width'")
-    try:
-        return [(int(words[i + 1]), int(words[i + 2])) for i in range(0, len(words), 3)]
-    except ValueError:
-        raise layer.error(f"name_size_file {path!r}: height and width must be integers") from None

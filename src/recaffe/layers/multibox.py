@@ -22,6 +22,7 @@ import torch
 from ..boxes import box_areas, iou_matrix, nms
 from ..layer import register
 from ..proto import caffe_pb2
+from .detection import decode_boxes
 from .loss import FLT_MIN, LossLayer, _normalization_mode
 
 _P = caffe_pb2.MultiBoxLossParameter
@@ -47,23 +48,6 @@ def encode_boxes(priors, variances, boxes, code_type, variance_in_target):
     bcx, bcy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     out = torch.stack([(bcx - pcx) / pw, (bcy - pcy) / ph, torch.log(bw / pw), torch.log(bh / ph)], 1)
     return out if variance_in_target else out / variances
-
-
-def decode_boxes(priors, variances, loc, code_type, variance_in_target):
-    """SSD's DecodeBBox (no clipping): predictions ``loc [P, 4]`` applied to ``priors``."""
-    v = torch.ones_like(variances) if variance_in_target else variances
-    if code_type == _Code.CORNER:
-        return priors + v * loc
-    pw = priors[:, 2] - priors[:, 0]
-    ph = priors[:, 3] - priors[:, 1]
-    if code_type == _Code.CORNER_SIZE:
-        return priors + v * loc * torch.stack([pw, ph, pw, ph], 1)
-    pcx, pcy = (priors[:, 0] + priors[:, 2]) / 2, (priors[:, 1] + priors[:, 3]) / 2
-    cx = v[:, 0] * loc[:, 0] * pw + pcx
-    cy = v[:, 1] * loc[:, 1] * ph + pcy
-    w = torch.exp(v[:, 2] * loc[:, 2]) * pw
-    h = torch.exp(v[:, 3] * loc[:, 3]) * ph
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
 
 def match_boxes(gt, preds, match_type, overlap_threshold, ignore_cross_boundary):
@@ -198,7 +182,8 @@ class MultiBoxLossLayer(LossLayer):
             label = SHARED if p.share_location else c
             if not p.share_location and c == p.background_label_id:
                 continue
-            decoded = decode_boxes(priors, variances, loc_i[:, c], p.code_type, p.encode_variance_in_target)
+            decoded = decode_boxes(loc_i[:, c], priors, variances, code_type=p.code_type,
+                                   variance_encoded_in_target=p.encode_variance_in_target)
             keep = torch.arange(gt_boxes.shape[0], device=gt_boxes.device)
             if label != SHARED:
                 keep = keep[gt_labels == label]
@@ -322,7 +307,8 @@ class MultiBoxLossLayer(LossLayer):
         pred = loc[img, j, column]
         if p.bp_inside:
             box = priors[j] if p.use_prior_for_matching else decode_boxes(
-                priors[j], variances[j], pred, p.code_type, p.encode_variance_in_target)
+                pred, priors[j], variances[j], code_type=p.code_type,
+                variance_encoded_in_target=p.encode_variance_in_target)
             outside = (box < 0) | (box > 1)
             pred = torch.where(outside, target, pred)
         if p.encode_variance_in_target:
@@ -398,7 +384,8 @@ class MultiBoxLossLayer(LossLayer):
                 cand = eligible.nonzero()[:, 0]
                 if p.HasField("nms_param") and p.nms_param.nms_threshold > 0:
                     boxes = priors if p.use_prior_for_nms else decode_boxes(
-                        priors, variances, loc[i][:, 0], p.code_type, p.encode_variance_in_target)
+                        loc[i][:, 0], priors, variances, code_type=p.code_type,
+                        variance_encoded_in_target=p.encode_variance_in_target)
                     order = _apply_nms(boxes[cand], loss[cand], p.nms_param.nms_threshold,
                                        p.nms_param.top_k)  # the fork reads top_k even when unset (0)
                     chosen = cand[order[:num_sel]]
