@@ -123,13 +123,8 @@ class _AnnotatedBatchReader(_BatchReader):
     def load_batch(self):
         images, rows, labels = [], [], []
         for item in range(self.batch_size):
-            while self.offset % self.world != self.rank:
-                self.advance()
-            record = self.read_datum()
-            self.advance()
+            record = self.next_record()
             annotated = self.annotated(record)
-            if annotated and self.ap.HasField("anno_type"):
-                record.type = self.ap.anno_type
             img, boxes = self.augment(record)
             out, boxes = self.finish(img, boxes)
             if images and out.shape != images[0].shape:
@@ -150,10 +145,7 @@ class _AnnotatedBatchReader(_BatchReader):
                 label = torch.from_numpy(table.astype(self.np_dtype).reshape(1, 1, -1, 8))
             else:
                 label = torch.from_numpy(np.asarray(labels, dtype=self.np_dtype))
-        if self.pin:
-            data = data.pin_memory()
-            label = label.pin_memory() if label is not None else None
-        return data, label
+        return self.batch(data, label)
 
 
 @register("AnnotatedData")

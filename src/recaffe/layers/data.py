@@ -155,21 +155,28 @@ class _BatchReader:
             raise DBError(f"{self.where}: record {self.cursor.key()!r} is not a Datum") from None
         return datum
 
-    def load_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        datums = []
-        for _ in range(self.batch_size):
-            while self.offset % self.world != self.rank:
-                self.advance()
-            datums.append(self.read_datum())
+    def next_record(self):
+        """The next record of this solver's share (read_datum's message), the cursor moved past it."""
+        while self.offset % self.world != self.rank:
             self.advance()
-        data = torch.from_numpy(self.transformer.transform_datums(datums))
-        labels = None
-        if self.output_labels:
-            labels = torch.from_numpy(np.array([d.label for d in datums], dtype=self.np_dtype))
+        record = self.read_datum()
+        self.advance()
+        return record
+
+    def batch(self, data: torch.Tensor, labels: torch.Tensor | None):
+        """The (data, labels) a batch hands over, in pinned memory for a CUDA net."""
         if self.pin:
             data = data.pin_memory()
             labels = labels.pin_memory() if labels is not None else None
         return data, labels
+
+    def load_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        datums = [self.next_record() for _ in range(self.batch_size)]
+        data = torch.from_numpy(self.transformer.transform_datums(datums))
+        labels = None
+        if self.output_labels:
+            labels = torch.from_numpy(np.array([d.label for d in datums], dtype=self.np_dtype))
+        return self.batch(data, labels)
 
     def close(self) -> None:
         try:
