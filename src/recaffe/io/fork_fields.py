@@ -16,6 +16,8 @@ error can say which fork a file comes from.
 """
 from __future__ import annotations
 
+import struct
+
 from ..proto import caffe_pb2
 
 SSD = "SSD (weiliu89/caffe, branch ssd)"
@@ -195,7 +197,6 @@ def _merge_renumbered(target, field, renumber: dict[int, int]) -> None:
     if field.wire_type == 2:  # a sub-message (fillers)
         getattr(target, desc.name).MergeFromString(field.data)
     elif field.wire_type == 5:  # fixed32: a float
-        import struct
         setattr(target, desc.name, struct.unpack("<f", struct.pack("<I", field.data))[0])
     elif field.wire_type == 0:  # varint: bool or enum
         setattr(target, desc.name, bool(field.data) if desc.type == desc.TYPE_BOOL else field.data)
@@ -265,7 +266,7 @@ def unimplemented_fields(msg) -> list[str]:
     found = []
     name = type(msg).__name__
     for (message, field), (fork, _) in FORK_FIELDS.items():
-        if fork != NVCAFFE or message != name or message == "BlobProto":
+        if fork != NVCAFFE or message != name:
             continue
         if msg.HasField(field):
             found.append(field)
