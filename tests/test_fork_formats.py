@@ -145,9 +145,14 @@ def test_nvcaffe_fields_are_not_ignored_silently(tmp_path):
     import caffe
 
     with capture_log() as lines:
-        make_net('default_forward_type: FLOAT16\nlayer { name: "d" type: "Input" top: "x" '
-                 'input_param { shape { dim: 1 } } forward_math: FLOAT }')
-    assert any("NVCaffe's precision fields (default_forward_type, layer forward_math)" in line for line in lines)
+        make_net('reduce_buckets: 4\nlayer { name: "d" type: "Input" top: "x" '
+                 'input_param { shape { dim: 1 } } backward_type: FLOAT16 }')
+    assert any("NVCaffe's fields reduce_buckets, layer backward_type are read but not used" in line
+               for line in lines)
+    with capture_log() as lines:  # the mixed-precision fields recaffe acts on (precision.py)
+        make_net('default_forward_type: FLOAT16\nglobal_grad_scale: 8\nlayer { name: "d" type: "Input" '
+                 'top: "x" input_param { shape { dim: 1 } } forward_math: FLOAT }')
+    assert not any("not used" in line for line in lines)
     net = write(tmp_path, "n.prototxt", 'layer { name: "d" type: "Input" top: "x" input_param { shape { dim: 1 } } }')
     solver = write(tmp_path, "s.prototxt", f'net: "{net}" base_lr: 0.1 lr_policy: "fixed" larc: true '
                    'solver_data_type: FLOAT16')

@@ -34,11 +34,12 @@ def assert_close(ours, ref, rtol, atol, what):
     assert not bad.any(), f"{what}: max abs err {np.max(np.abs(ours - ref)):.3g} (rtol {rtol}, atol {atol})"
 
 
-def run_layer_case(d, who="Caffe"):
+def run_layer_case(d, who="Caffe", check=assert_close):
     """Drive one layer case as it was produced (see ../shared/reference/README.md): bottoms and
     params in, tops (and params after forward) out; then, unless forward-only, top diffs in and
     bottom/param diffs out. Tops of data-dependent shape (the forks' detection layers) are compared
-    with their shapes."""
+    with their shapes. ``check(ours, ref, rtol, atol, what)`` compares (mixed precision's is
+    looser). Returns the net."""
     meta = json.loads((d / "case.json").read_text())
     z = np.load(d / "case.npz")
     rtol, atol = meta["rtol"], meta["atol"]
@@ -54,20 +55,21 @@ def run_layer_case(d, who="Caffe"):
     net.forward()
     for k, (kind, *rest) in entries:
         if kind == "top":
-            assert_close(net.blobs[rest[0]].data, z[k], rtol, atol, k)
+            check(net.blobs[rest[0]].data, z[k], rtol, atol, k)
         elif kind == "param_after_forward":
-            assert_close(net.params[rest[0]][int(rest[1])].data, z[k], rtol, atol, k)
+            check(net.params[rest[0]][int(rest[1])].data, z[k], rtol, atol, k)
     if meta["forward_only"]:
-        return
+        return net
     for k, (kind, *rest) in entries:
         if kind == "top_diff":
             net.blobs[rest[0]].diff[...] = z[k]
     net.backward()
     for k, (kind, *rest) in entries:
         if kind == "bottom_diff":
-            assert_close(net.blobs[rest[0]].diff, z[k], rtol, atol, k)
+            check(net.blobs[rest[0]].diff, z[k], rtol, atol, k)
         elif kind == "param_diff":
-            assert_close(net.params[rest[0]][int(rest[1])].diff, z[k], rtol, atol, k)
+            check(net.params[rest[0]][int(rest[1])].diff, z[k], rtol, atol, k)
+    return net
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)

@@ -18,9 +18,9 @@ __all__ = ["AdaDeltaSolver", "AdaGradSolver", "AdamSolver", "Layer", "NCCL", "Ne
            "RMSPropSolver", "SGDSolver", "TEST", "TRAIN", "Timer", "get_solver", "has_nccl", "init_log",
            "layer_type_list", "log", "set_deterministic", "set_device", "set_mode_cpu", "set_mode_gpu",
            "set_multiprocess", "set_random_seed", "set_solver_count", "set_solver_rank", "solver_count",
-           "solver_rank", "set_compile", "set_num_threads"]
+           "solver_rank", "set_compile", "set_num_threads", "set_precision"]
 
-from recaffe import set_compile, set_num_threads  # noqa: E402  (recaffe: -compile, -threads)
+from recaffe import set_compile, set_num_threads, set_precision  # noqa: E402  (recaffe: -compile, -threads, -precision)
 
 # pycaffe's net specification (caffe.NetSpec, caffe.layers, caffe.params, caffe.to_proto,
 # caffe.net_spec) and the base class of Python layers (caffe.Layer).

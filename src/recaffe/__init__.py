@@ -11,6 +11,7 @@ from .device import set_deterministic, set_device, set_mode_cpu, set_mode_gpu  #
 from .fastpath import set_compile  # noqa: E402
 from .layer import Layer, LayerError, layer_type_list, register  # noqa: E402
 from .net import TEST, TRAIN, Net  # noqa: E402
+from .precision import set_precision  # noqa: E402
 from .proto import caffe_pb2  # noqa: E402
 from .rng import set_random_seed  # noqa: E402
 from .solvers import SGDSolver, Solver, create_solver, get_solver  # noqa: E402
@@ -22,4 +23,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Blob", "Layer", "LayerError", "Net", "SGDSolver", "Solver", "TEST", "TRAIN", "caffe_pb2",
            "create_solver", "get_num_threads", "get_solver", "layer_type_list", "register", "set_compile",
-           "set_deterministic", "set_device", "set_mode_cpu", "set_mode_gpu", "set_num_threads", "set_random_seed"]
+           "set_deterministic", "set_precision", "set_device", "set_mode_cpu", "set_mode_gpu", "set_num_threads", "set_random_seed"]

@@ -16,6 +16,9 @@ must clone it when ``data_is_live`` (see NeuronLayer._keep_input).
 On CUDA a host buffer is kept with a "head" flag, as Caffe's SyncedMemory does: reading ``.data``
 copies device to host (into the same host buffer, so arrays taken earlier see the new values
 too) and marks the host as possibly newer; the next ``data_t`` read by a layer copies it back.
+bfloat16 blobs (mixed precision, recaffe/precision.py) work the same way on CPU, as numpy has no
+bfloat16: Python sees a float32 mirror. A tensor of another type given to ``data_t``/``diff_t`` is
+converted to the blob's type.
 
 Memory is allocated lazily: ``reshape`` records the shape, and the first access allocates zeros.
 Parameters are always updated in place.
@@ -53,13 +56,13 @@ class _Synced:
 
 
 class Blob:
-    __slots__ = ("_shape", "_data", "_diff", "dtype", "device", "_on_cpu")
+    __slots__ = ("_shape", "_data", "_diff", "dtype", "device", "_direct")
 
     def __init__(self, shape: Sequence[int] = (), dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         self.dtype = dtype
         self.device = torch.device(device)
-        self._on_cpu = self.device.type == "cpu"
+        self._direct = _numpy_views(self.device, dtype)
         self._shape: tuple[int, ...] = ()
         self._data = _Synced()
         self._diff = _Synced()
@@ -87,7 +90,7 @@ class Blob:
         same_count = count == _prod(self._shape)
         self._shape = shape
         for s in (self._data, self._diff):
-            if self._on_cpu and s.live is not None:
+            if self._direct and s.live is not None:
                 # Caffe reallocates only when the count exceeds the capacity.
                 if count <= s.live.numel():
                     s.tensor = s.live[:count].view(shape)
@@ -155,7 +158,9 @@ class Blob:
     def _set(self, s: _Synced, t: torch.Tensor) -> None:
         if t.shape != self._shape:
             raise ValueError(f"tensor of shape {tuple(t.shape)} given to a blob of shape {self._shape}")
-        if s.live is None or not self._on_cpu:
+        if t.dtype != self.dtype:  # a float32 result stored in a bfloat16 blob, or the reverse
+            t = t.to(self.dtype)
+        if s.live is None or not self._direct:
             s.tensor = t
             s.shared_from = None
             s.host = None
@@ -171,7 +176,7 @@ class Blob:
 
     def _numpy(self, s: _Synced) -> np.ndarray:
         t = self._tensor(s)
-        if self._on_cpu:
+        if self._direct:
             if s.live is None:
                 if s.shared_from is not None:
                     # Pin the owner's memory too, so this array stays live across forwards.
@@ -184,7 +189,7 @@ class Blob:
             return t.numpy()
         if s.host is None or not s.host_newer:
             # Refresh the host buffer in place, so arrays handed out before see the new values.
-            src = t.detach().cpu().numpy()
+            src = t.detach().to("cpu", _host_dtype(self.dtype)).numpy()
             if s.live is None or s.live.size < src.size or s.live.dtype != src.dtype:
                 s.live = np.empty(src.size, src.dtype)
             s.host = s.live[:src.size].reshape(src.shape)
@@ -196,12 +201,12 @@ class Blob:
     def data_is_live(self) -> bool:
         """Whether Python holds (or held) arrays over this blob's data memory: a ``data_t = t``
         then writes into that memory rather than replacing it."""
-        return self._data.live is not None and self._on_cpu
+        return self._data.live is not None and self._direct
 
     @property
     def data_t(self) -> torch.Tensor:
         s = self._data
-        if self._on_cpu and s.tensor is not None:
+        if self._direct and s.tensor is not None:
             return s.tensor
         return self._tensor(s)
 
@@ -212,7 +217,7 @@ class Blob:
     @property
     def diff_t(self) -> torch.Tensor:
         s = self._diff
-        if self._on_cpu and s.tensor is not None:
+        if self._direct and s.tensor is not None:
             return s.tensor
         return self._tensor(s)
 
@@ -258,7 +263,7 @@ class Blob:
         self._share(self._diff, other, other._diff, other.diff_t)
 
     def _share(self, s: _Synced, other: "Blob", other_s: _Synced, t: torch.Tensor) -> None:
-        if self._on_cpu:
+        if self._direct:
             if s.live is not None and s.tensor is not None and s.tensor.data_ptr() == t.data_ptr():
                 return  # already sharing this memory (a layer re-sharing at every forward)
             s.live = None  # arrays over our old memory go stale, as in Caffe
@@ -277,7 +282,7 @@ class Blob:
                 s.tensor = s.tensor.to(device=device, dtype=dtype)
             s.live = s.host = s.shared_from = None
             s.host_newer = False
-        self.device, self.dtype, self._on_cpu = device, dtype, device.type == "cpu"
+        self.device, self.dtype, self._direct = device, dtype, _numpy_views(device, dtype)
 
     # -------------------------------------------------------------- proto
     def shape_equals(self, proto: caffe_pb2.BlobProto) -> bool:
@@ -322,9 +327,10 @@ class Blob:
         proto = caffe_pb2.BlobProto()
         proto.shape.dim.extend(self._shape)
         prefix = "double_" if self.dtype == torch.float64 else ""
-        set_packed_values(proto, prefix + "data", self.data_t.detach().cpu().numpy())
+        host = _host_dtype(self.dtype)
+        set_packed_values(proto, prefix + "data", self.data_t.detach().to("cpu", host).numpy())
         if write_diff:
-            set_packed_values(proto, prefix + "diff", self.diff_t.detach().cpu().numpy())
+            set_packed_values(proto, prefix + "diff", self.diff_t.detach().to("cpu", host).numpy())
         return proto
 
     def __repr__(self) -> str:
@@ -387,6 +393,16 @@ def _to_tensor(values: np.ndarray, blob: Blob) -> torch.Tensor:
     # (ascontiguousarray alone would turn a 0-axis array, e.g. a channel_shared PReLU slope, into 1 axis)
     values = np.ascontiguousarray(values).reshape(values.shape)
     return torch.from_numpy(values).to(device=blob.device, dtype=blob.dtype)
+
+
+def _numpy_views(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether numpy can view this blob's tensors directly (else Python gets a host mirror)."""
+    return device.type == "cpu" and dtype != torch.bfloat16
+
+
+def _host_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type of the numpy arrays Python sees: numpy has no bfloat16, so those read as float32."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _prod(shape: Iterable[int]) -> int:

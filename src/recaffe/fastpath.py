@@ -101,6 +101,13 @@ def eager_reason(layer) -> str | None:
     return None
 
 
+def _eager_reason_in(net: "Net", k: int) -> str | None:
+    """eager_reason, and layers that run on converted copies (mixed precision) stay eager."""
+    if net._casts[k] is not None:
+        return "precision conversion"
+    return eager_reason(net.layers[k])
+
+
 def _base_run_forward():
     from .layer import Layer
     return Layer.run_forward
@@ -136,19 +143,16 @@ class Segment:
 
     def _eager_fn(self) -> Callable[[], float]:
         net, ids = self.net, self.ids
-        layers, bottoms, tops = net.layers, net.bottom_vecs, net.top_vecs
         if self.direction == "forward":
             def run() -> float:
                 loss = 0.0
                 for k in ids:
-                    loss += layers[k].run_forward(bottoms[k], tops[k])
+                    loss += net.forward_layer(k)
                 return loss
         else:
-            prop = net.bottom_need_backward
-
             def run() -> float:
                 for k in ids:
-                    layers[k].backward(tops[k], prop[k], bottoms[k])
+                    net.backward_layer(k)  # (loss scaling and precision conversions included)
                 return 0.0
         return run
 
@@ -281,7 +285,7 @@ class FastPath:
         net = self.net
         runs: list[tuple[str | None, list[int]]] = []
         for k in ids:
-            reason = eager_reason(net.layers[k])
+            reason = _eager_reason_in(net, k)
             if runs and (runs[-1][0] is None) == (reason is None):
                 runs[-1][1].append(k)
             else:
@@ -290,7 +294,7 @@ class FastPath:
         for reason, run in runs:
             seg = Segment(net, direction, run, None if reason else mode, reason or "", self.channels_last)
             if reason and direction == "forward":
-                why = sorted({eager_reason(net.layers[k]) for k in run})
+                why = sorted({_eager_reason_in(net, k) for k in run})
                 log.info("Compiled fast path: net %s: %s run eagerly (%s)", net.name, seg.names, ", ".join(why))
             segments.append(seg)
         return segments

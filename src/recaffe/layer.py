@@ -9,7 +9,9 @@ A layer is built from its ``LayerParameter`` and implements, as in Caffe:
   (overwriting them) and **add** into param diffs where ``self.param_propagate_down[i]``.
 
 Layers compute with torch tensors on ``self.device`` in ``self.dtype`` (float32 in nets, float64 in
-gradient checks) and never know about solvers. A new type is one class with ``@register("Type")``.
+gradient checks, bfloat16/float16 in mixed precision) and never know about solvers. Params are kept
+in ``self.param_dtype`` (float32 under mixed precision: the master weights): a layer reads them in
+its compute type through ``param_t(i)`` and adds its param gradients into their diffs. A new type is one class with ``@register("Type")``.
 """
 from __future__ import annotations
 
@@ -90,13 +92,14 @@ class Layer:
         self.name = param.name
         self.phase = param.phase
         self.dtype = dtype
+        self.param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self.device = torch.device(device)
         self.blobs: list[Blob] = []
         self.param_propagate_down: list[bool] = []
         self.loss_weights: list[float] = []
         if len(param.blobs):
             for i, proto in enumerate(param.blobs):
-                b = Blob((), dtype, self.device)
+                b = Blob((), self.param_dtype, self.device)
                 b.from_proto(proto, where=f"layer {param.name!r} param {i}")
                 self.blobs.append(b)
 
@@ -178,7 +181,13 @@ class Layer:
         return LayerError(f"{self.type} layer {self.name!r}: {message}")
 
     def new_blob(self, shape: Sequence[int]) -> Blob:
-        return Blob(shape, self.dtype, self.device)
+        """A param blob (in the param type)."""
+        return Blob(shape, self.param_dtype, self.device)
+
+    def param_t(self, index: int) -> torch.Tensor:
+        """Param ``index``'s data in this layer's compute type (the master itself when they agree)."""
+        t = self.blobs[index].data_t
+        return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def init_weight_and_bias(self, shapes: Sequence[Sequence[int]], weight_filler, bias_filler) -> None:
         """Create a weight (and bias, when two shapes are given) filled by their fillers, unless

@@ -20,6 +20,7 @@ from google.protobuf import text_format
 
 from . import device as _device
 from . import fastpath as _fastpath
+from . import precision as _precision
 from .blob import Blob, BlobError, proto_shape
 from .insert_splits import insert_splits
 from .io import hdf5_weights
@@ -46,7 +47,8 @@ class WeightsError(RecaffeError, ValueError):
 class Net:
     def __init__(self, param: caffe_pb2.NetParameter | str | os.PathLike, phase: int | None = None,
                  level: int = 0, stages: Sequence[str] = (), weights: str | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 precision: str | None = None):
         if isinstance(param, (str, os.PathLike)):
             source = os.fspath(param)
             param = read_net_text(source)
@@ -62,6 +64,7 @@ class Net:
             param.state.phase = param.state.phase  # TEST by default, as NetState's default
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else _device.current_device()
+        self._requested_precision = _precision.check_name(precision) if precision is not None else None
         self._init(param)
         if weights is not None:
             self.copy_from(weights)
@@ -73,8 +76,13 @@ class Net:
         log.info("Initializing net from parameters: \n%s", text_format.MessageToString(filtered))
         nv = unimplemented_fields(filtered)
         if nv:
-            log.warning("NVCaffe's precision fields (%s) are read, but recaffe computes in float32",
-                        ", ".join(nv))
+            log.warning("NVCaffe's fields %s are read but not used", ", ".join(nv))
+        self.precision = _precision.Plan(filtered, self._requested_precision, self.dtype)
+        if self.precision.low is not None:
+            log.info("Mixed precision: %s", self.precision.describe())
+        # backward starts from loss_weight * loss_scale: 1 for a net of its own; a solver sets its
+        # LossScaler's scale (float16) and unscales the param diffs before the update
+        self.loss_scale = 1.0
         param = insert_splits(filtered)
         self.param = param
         self.name = param.name
@@ -89,6 +97,8 @@ class Net:
         self.bottom_id_vecs: list[list[int]] = []
         self.top_id_vecs: list[list[int]] = []
         self.bottom_need_backward: list[list[bool]] = []
+        # per layer: None, or the converted copies it runs on (precision.LayerCast)
+        self._casts: list[_precision.LayerCast | None] = []
         self.layer_need_backward: list[bool] = []
         self._params: list[Blob] = []
         self._param_owners: list[int] = []
@@ -105,7 +115,7 @@ class Net:
         self._output_blob_indices: list[int] = []
         available: OrderedDict[str, None] = OrderedDict()
         name_to_idx: dict[str, int] = {}
-        memory_used = 0
+        memory_bytes = 0
 
         for layer_id, lp in enumerate(param.layer):
             if not lp.HasField("phase"):
@@ -114,7 +124,8 @@ class Net:
                 raise LayerError(f"layer {lp.name!r}: propagate_down must be given either 0 or "
                                  f"{len(lp.bottom)} (bottom count) times, got {len(lp.propagate_down)}")
             log.info("Creating layer %s", lp.name)
-            layer = create_layer(lp, dtype=self.dtype, device=self.device)
+            layer_dtype = self._layer_dtype(lp, name_to_idx)
+            layer = create_layer(lp, dtype=layer_dtype, device=self.device)
             self.layers.append(layer)
             self._layer_names.append(lp.name)
             log.info("Creating Layer %s", lp.name)
@@ -137,8 +148,15 @@ class Net:
                     self._append_top(lp, layer_id, None, None, None)
             in_place = [(i, b, b.shape) for i, b in enumerate(self.bottom_vecs[layer_id])
                         if any(b is t for t in self.top_vecs[layer_id])]
+            cast = _precision.LayerCast(layer_dtype, self.bottom_vecs[layer_id], self.top_vecs[layer_id])
+            self._casts.append(cast if cast.converts else None)
             try:
-                layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
+                if cast.converts:
+                    cast.before_forward()
+                    layer.setup(cast.bottoms, cast.tops)
+                    cast.reshape_tops()
+                else:
+                    layer.setup(self.bottom_vecs[layer_id], self.top_vecs[layer_id])
             except LayerError:
                 raise
             except (ValueError, RuntimeError, IndexError) as e:
@@ -153,6 +171,7 @@ class Net:
             log.info("Setting up %s", lp.name)
             for top_id, top in enumerate(self.top_vecs[layer_id]):
                 blob_id = self.top_id_vecs[layer_id][top_id]
+                memory_bytes += top.count() * torch.finfo(top.dtype).bits // 8
                 w = layer.loss_weights[top_id] if layer.loss_weights else 0.0
                 while len(self._blob_loss_weights) <= blob_id:
                     self._blob_loss_weights.append(0.0)
@@ -160,8 +179,7 @@ class Net:
                 log.info("Top shape: %s", _shape_string(top))
                 if w:
                     log.info("    with loss weight %g", w)
-                memory_used += top.count()
-            log.info("Memory required for data: %d", memory_used * torch.finfo(self.dtype).bits // 8)
+            log.info("Memory required for data: %d", memory_bytes)
             num_param_blobs = len(layer.blobs)
             if len(lp.param) > num_param_blobs:
                 raise LayerError(f"layer {lp.name!r}: too many params specified ({len(lp.param)} param "
@@ -194,6 +212,12 @@ class Net:
                                                             "before_backward", "after_backward")}
         log.info("Network initialization done.")
 
+    def _layer_dtype(self, lp, name_to_idx) -> torch.dtype:
+        """The compute type of layer ``lp`` (precision.Plan); a layer computing in place on a blob
+        of another type runs on a converted copy of it."""
+        bottoms = [self._blobs[name_to_idx[n]] for n in lp.bottom if n in name_to_idx]
+        return self.precision.layer_dtype(lp, bottoms)
+
     def _append_top(self, lp, layer_id, top_id, available, name_to_idx) -> None:
         name = lp.top[top_id] if top_id is not None else "(automatic)"
         if top_id is not None and top_id < len(lp.bottom) and name == lp.bottom[top_id]:
@@ -207,7 +231,7 @@ class Net:
         else:
             if name_to_idx is not None:
                 log.info("%s -> %s", lp.name, name)
-            blob = Blob((), self.dtype, self.device)
+            blob = Blob((), self.layers[layer_id].dtype, self.device)
             blob_id = len(self._blobs)
             self._blobs.append(blob)
             self._blob_names.append(name)
@@ -368,15 +392,49 @@ class Net:
         if self._fastpath is not None and start == 0 and end == len(self.layers) - 1:
             return self._fastpath.forward()
         loss = 0.0
-        layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
+        layers, bottoms, tops, casts = self.layers, self.bottom_vecs, self.top_vecs, self._casts
         before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
         for i in range(start, end + 1):
             for run in before:
                 run(i)
-            loss += layers[i].run_forward(bottoms[i], tops[i])
+            if casts[i] is None:
+                loss += layers[i].run_forward(bottoms[i], tops[i])
+            else:
+                loss += self.forward_layer(i)
             for run in after:
                 run(i)
         return loss
+
+    def forward_layer(self, i: int) -> float:
+        """Layer ``i``'s forward (Layer.run_forward), through its converted copies when it has them."""
+        cast = self._casts[i]
+        if cast is None:
+            return self.layers[i].run_forward(self.bottom_vecs[i], self.top_vecs[i])
+        cast.before_forward()
+        loss = self.layers[i].run_forward(cast.bottoms, cast.tops)
+        cast.after_forward()
+        return loss
+
+    def backward_layer(self, i: int) -> None:
+        """Layer ``i``'s backward: a loss layer's top diffs scaled by ``loss_scale`` for its
+        duration, converted copies where it has them."""
+        layer, prop = self.layers[i], self.bottom_need_backward[i]
+        scaled = self.loss_scale != 1 and layer.loss_weights
+        if scaled:
+            for t, w in zip(self.top_vecs[i], layer.loss_weights):
+                if w:
+                    t.diff_t.mul_(self.loss_scale)
+        cast = self._casts[i]
+        if cast is None:
+            layer.backward(self.top_vecs[i], prop, self.bottom_vecs[i])
+        else:
+            cast.before_backward()
+            layer.backward(cast.tops, prop, cast.bottoms)
+            cast.after_backward(prop)
+        if scaled:
+            for t, w in zip(self.top_vecs[i], layer.loss_weights):
+                if w:
+                    t.diff_t.div_(self.loss_scale)
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         start = len(self.layers) - 1 if start is None else start
@@ -386,11 +444,16 @@ class Net:
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
         need, prop = self.layer_need_backward, self.bottom_need_backward
         before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
+        direct = self.loss_scale == 1
+        casts = self._casts
         for i in range(start, end - 1, -1):
             for run in before:
                 run(i)
             if need[i]:
-                layers[i].backward(tops[i], prop[i], bottoms[i])
+                if direct and casts[i] is None:
+                    layers[i].backward(tops[i], prop[i], bottoms[i])
+                else:
+                    self.backward_layer(i)
             for run in after:
                 run(i)
 

@@ -65,6 +65,9 @@ def _flags() -> FlagSet:
     f.add("compile", False, "Optional (recaffe); run train/test/time through the compiled fast path "
           "(torch.compile per segment of capturable layers, kept where it measures faster than eager; "
           "see docs/performance.md).")
+    f.add("precision", "", "Optional (recaffe); fp32, bf16 or fp16: compute in bfloat16/float16 with "
+          "float32 master weights (fp16 scales the loss); empty: as the prototxt says (NVCaffe's "
+          "default_forward_type), else fp32. See docs/precision.md.")
     f.add("deterministic", False, "Optional (recaffe); deterministic kernels only, meant to make a "
           "seeded run repeat bit for bit on GPU too (slower on GPU; untested on GPU, see docs/gpu.md).")
     return f
@@ -387,6 +390,12 @@ def _command(command: str, rest: list[str]) -> int:
     if flags["deterministic"]:
         log.info("Using deterministic algorithms only.")
         _device.set_deterministic(True)
+    if flags["precision"]:
+        from .. import precision
+        name = precision.check_name(flags["precision"])
+        log.info("Precision: %s (float32 master weights)", name)
+        precision.set_precision(name)
+        os.environ[precision.PRECISION_ENV] = name  # also for the processes of multi-GPU training
     if flags["compile"]:
         from .. import fastpath
         log.info("Using the compiled fast path.")

@@ -258,21 +258,31 @@ def weights_only_to_net(w) -> caffe_pb2.NetParameter:
 
 
 # ------------------------------------------------------------------ parsed, not (yet) acted on
+# NVCaffe's mixed-precision fields that recaffe acts on (recaffe/precision.py): the types, the loss
+# scale, and the math types (float32 accumulation inside the low-precision kernels).
+_USED_NVCAFFE = {"default_forward_type", "default_backward_type", "default_forward_math",
+                 "default_backward_math", "global_grad_scale", "global_grad_scale_adaptive"}
+
+
 def unimplemented_fields(msg) -> list[str]:
     """The fork fields set in ``msg`` (a NetParameter with its layers, or a SolverParameter) that
-    recaffe parses but does not act on: NVCaffe's mixed-precision and solver-policy fields. recaffe
-    computes in float32 and uses Caffe's solver rules; callers log these so nothing is ignored
-    silently."""
+    recaffe parses but does not act on: NVCaffe's cuDNN/bucket settings, a backward type other than
+    the forward type, float16 master weights, and NVCaffe's solver policies (recaffe keeps float32
+    master weights and Caffe's solver rules); callers log these so nothing is ignored silently."""
     found = []
     name = type(msg).__name__
     for (message, field), (fork, _) in FORK_FIELDS.items():
-        if fork != NVCAFFE or message != name:
+        if fork != NVCAFFE or message != name or field in _USED_NVCAFFE:
             continue
+        if field == "solver_data_type" and msg.solver_data_type == caffe_pb2.FLOAT:
+            continue  # float32 master weights: what recaffe keeps
         if msg.HasField(field):
             found.append(field)
     if name == "NetParameter":
         for layer in msg.layer:
-            for field in ("forward_type", "backward_type", "forward_math", "backward_math"):
-                if layer.HasField(field) and f"layer {field}" not in found:
-                    found.append(f"layer {field}")
+            # (each layer's backward runs in its forward type)
+            forward = layer.forward_type if layer.HasField("forward_type") else msg.default_forward_type
+            if layer.HasField("backward_type") and layer.backward_type != forward \
+                    and "layer backward_type" not in found:
+                found.append("layer backward_type")
     return found

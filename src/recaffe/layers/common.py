@@ -36,7 +36,7 @@ class InnerProductLayer(Layer):
         top[0].reshape(bottom[0].shape[:self.axis] + (self.num_output,))
 
     def _weight(self) -> torch.Tensor:
-        w = self.blobs[0].data_t
+        w = self.param_t(0)
         return w if self.transpose else w.t()  # (K, N)
 
     def _rows(self, blob) -> torch.Tensor:
@@ -46,7 +46,7 @@ class InnerProductLayer(Layer):
     def forward(self, bottom, top):
         x = self._rows(bottom[0])
         if self.bias_term:
-            y = torch.addmm(self.blobs[1].data_t, x, self._weight())
+            y = torch.addmm(self.param_t(1), x, self._weight())
         else:
             y = x @ self._weight()
         top[0].data_t = y.reshape(top[0].shape)
@@ -56,7 +56,9 @@ class InnerProductLayer(Layer):
         if self.param_propagate_down[0]:
             x = self._rows(bottom[0])
             wd = self.blobs[0].diff_t
-            if self.transpose:
+            if wd.dtype != dy.dtype:  # mixed precision: the product in the compute type, summed in float32
+                wd.add_(x.t() @ dy if self.transpose else dy.t() @ x)
+            elif self.transpose:
                 wd.addmm_(x.t(), dy)  # (K, N) += x^T dy
             else:
                 wd.addmm_(dy.t(), x)  # (N, K) += dy^T x

@@ -209,13 +209,13 @@ class PReLULayer(NeuronLayer):
 
     def _slope(self, ndim: int) -> torch.Tensor:
         """The slopes shaped to broadcast over the bottom (1, C, 1, ...)."""
-        a = self.blobs[0].data_t.reshape(-1)
+        a = self.param_t(0).reshape(-1)
         return a.reshape((1, -1) + (1,) * (ndim - 2))
 
     def forward(self, bottom, top):
         x = bottom[0].data_t
         self._keep_input(bottom, top, x)
-        top[0].data_t = torch.prelu(x, self.blobs[0].data_t.reshape(-1))
+        top[0].data_t = torch.prelu(x, self.param_t(0).reshape(-1))
 
     def backward(self, top, propagate_down, bottom):
         need_param = self.param_propagate_down[0]

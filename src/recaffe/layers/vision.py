@@ -210,11 +210,11 @@ class _BaseConvolution(Layer):
             t.reshape(self._top_shape)
 
     def _weight(self) -> torch.Tensor:
-        return self.blobs[0].data_t.reshape(self._w_shape)
+        return self.param_t(0).reshape(self._w_shape)
 
     def forward(self, bottom, top):
         w = self._weight()
-        b = self.blobs[1].data_t if self.bias_term else None
+        b = self.param_t(1) if self.bias_term else None
         for bt, tp in zip(bottom, top):
             y = self._forward(bt.data_t.reshape(self._x_shape), w, b)
             tp.data_t = y.reshape(self._top_shape)

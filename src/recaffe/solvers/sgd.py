@@ -55,6 +55,9 @@ class SGDSolver(Solver):
         rate = self.lr
         if p.display and self.iter % p.display == 0:
             log.info("Iteration %d, lr = %g", self.iter, rate)
+        scaler = self.loss_scaler
+        if scaler is not None and not scaler.unscale_([b.diff_t for b in self.net.learnable_params], self.iter):
+            return  # float16 gradients overflowed: no update (precision.LossScaler)
         self.clip_gradients()
         if self.foreach and self._has_foreach_rule():
             self._apply_update_foreach(rate)

@@ -19,6 +19,7 @@ from ..io.upgrade import upgrade_solver
 from ..log import get_logger
 from ..net import Net
 from ..parallel import solver_rank_and_count
+from ..precision import LossScaler
 from ..proto import caffe_pb2
 from ..signals import deferred_interrupts
 from .lr_policies import LearningRateError, check_policy, learning_rate
@@ -92,6 +93,10 @@ class Solver:
         self.action_request: Callable[[], str] | None = None
         self._init_train_net()
         self._init_test_nets()
+        plan = self.net.precision
+        # float16 (or a prototxt's global_grad_scale): the loss scale, unscaled before each update
+        self.loss_scaler = LossScaler(plan.loss_scale, plan.dynamic) \
+            if plan.loss_scale != 1 or plan.dynamic else None
         log.info("Solver scaffolding done.")
         self.current_step = 0
         self.smoothed_loss = 0.0
@@ -237,6 +242,8 @@ class Solver:
                     on_start()
             display = p.display and self.iter % p.display == 0
             loss = 0.0
+            if self.loss_scaler is not None:
+                net.loss_scale = self.loss_scaler.scale
             for _ in range(p.iter_size):
                 loss += net.forward_loss()
                 net.backward_from_to()
