@@ -469,3 +469,29 @@ def test_compiled_fast_path_runs_mixed_precision_nets():
     assert all("conv" not in s["layers"] and "bn" not in s["layers"] for s in summary)
     assert _rel_err(compiled.blobs["ip"].data, eager.blobs["ip"].data) < 2 ** -7
     assert _norm_err(compiled.params["conv"][0].diff, eager.params["conv"][0].diff) < 2 ** -5
+
+
+def test_exported_torch_module_runs_under_autocast(tmp_path):
+    """`caffe export --format torch` modules run in bfloat16 too (MAX pooling's explicit padding
+    used to be -FLT_MAX, which bfloat16 cannot hold)."""
+    from recaffe.export.torch_export import export_torch, load_torch_module
+    text = """
+    layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 4 dim: 3 dim: 8 dim: 8 } } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "gaussian" std: 0.3 } } }
+    layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+            pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "pool" top: "ip"
+            inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.2 } } }
+    """
+    net = make_net(text, caffe_pb2.TEST)
+    data, _ = _inputs()
+    net.blobs["data"].data[...] = data
+    ref = net.forward(end="ip")["ip"].copy()
+    py, _ = export_torch(net, str(tmp_path / "m"))
+    module = load_torch_module(py)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(torch.from_numpy(data))
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.dtype == torch.bfloat16
+    assert _rel_err(out.float().numpy(), ref) < 2 ** -5

@@ -146,7 +146,8 @@ def _convolution(v):
 def _pooling(v):
     """Caffe's windows made explicit: pad the bottom by ``pad`` on the left and on the right by
     whatever makes the last (CEIL) window end exactly (negative: crop), then pool without padding
-    in floor mode. MAX pads with -FLT_MAX (a window holding no pixel gives -FLT_MAX, as Caffe);
+    in floor mode. MAX pads with -FLT_MAX (a window holding no pixel gives -FLT_MAX, as Caffe;
+    the torch module pads with its type's lowest value, the same in float32);
     AVE pads with zeros and divides the window sums by Caffe's divisor map: the window clipped to
     the padded bottom (padding counts, what lies beyond it does not)."""
     lay = v.layer

@@ -171,7 +171,7 @@ def _caffe_max_pool_mask(x, kernel, stride, pads, plane_w):
     """Caffe's MAX pooling with its mask top: the explicitly padded bottom pooled in floor mode,
     the argmax as the float index h * W + w in the unpadded (n, c) plane."""
     ph, pw, rh, rw = pads
-    x = F.pad(x, (pw, rw, ph, rh), value=-FLT_MAX)
+    x = F.pad(x, (pw, rw, ph, rh), value=torch.finfo(x.dtype).min)
     y, idx = F.max_pool2d(x, kernel, stride, return_indices=True)
     wp = x.shape[3]
     return y, ((idx // wp - ph) * plane_w + idx % wp - pw).to(x.dtype)

@@ -47,6 +47,12 @@ def _doc(text: str) -> str:
 
 # Helpers the generated file defines when a layer needs them (Caffe's semantics, torch ops only).
 _HELPERS = {
+    "_caffe_pad_lowest": '''
+def _caffe_pad_lowest(x, pads):
+    """Pad for MAX pooling with the lowest value of x's type (-FLT_MAX in float32, as Caffe's
+    empty windows give; also right under torch.autocast's bfloat16/float16)."""
+    return F.pad(x, pads, value=torch.finfo(x.dtype).min)
+''',
     "_caffe_stochastic_pool": '''
 def _caffe_stochastic_pool(x, kernel, stride, pads):
     """Caffe's STOCHASTIC pooling at test time: sum x^2 / (sum x + FLT_MIN) over each window."""
@@ -243,8 +249,10 @@ def _pooling(s, n, xs):
         return f"{s.helper('_caffe_stochastic_pool')}({xs[0]}, {kernel}, {stride}, {_tup(a['pads'])})"
     x = xs[0]
     if any(a["pads"]):  # Caffe's windows: explicit padding (negative: crop), then floor mode
-        value = ", value=-FLT_MAX" if a["method"] == "max" else ""
-        x = f"F.pad({x}, {_tup((pw, rw, ph, rh))}{value})"
+        if a["method"] == "max":  # the lowest value of x's type: -FLT_MAX, and bf16/fp16 under autocast
+            x = f"{s.helper('_caffe_pad_lowest')}({x}, {_tup((pw, rw, ph, rh))})"
+        else:
+            x = f"F.pad({x}, {_tup((pw, rw, ph, rh))})"
     if a["method"] == "max":
         return f"F.max_pool2d({x}, {kernel}, {stride})"
     if "divisor" in n.params:  # window sums over Caffe's divisors
