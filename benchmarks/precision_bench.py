@@ -56,22 +56,34 @@ def workload(name: str, variant: str, batch: int | None):
 
 
 def peak_memory(name: str, variant: str, batch: int | None) -> float:
-    """Max RSS (MiB) of a child process that builds and runs the variant alone."""
+    """Peak RSS (MiB) of a child process that builds and runs the variant alone."""
     cmd = [sys.executable, __file__, "--child", name, variant, str(batch or 0)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("maxrss_kb ")]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("peak_kb ")]
     return float(lines[-1].split()[1]) / 1024 if lines else float("nan")
+
+
+def peak_rss_kb() -> int:
+    """This process's peak RSS: VmHWM, which starts afresh at exec. (getrusage's ru_maxrss does
+    not: Linux carries it over from the parent through fork and exec, so a child started by a big
+    parent reports at least the parent's size.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def child(name: str, variant: str, batch: int) -> int:
     fn, net = workload(name, variant, batch or None)
     settle(fn, net)
     timed(fn, 3)
-    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("peak_kb", peak_rss_kb())
     return 0
 
 
 def bench(name: str, variants: list[str], iters: int, batch: int | None, memory: bool) -> dict:
+    mem = {v: peak_memory(name, v, batch) for v in variants} if memory else {}
     fns = {v: workload(name, v, batch)[0] for v in variants}
     for fn in fns.values():
         timed(fn, 2)  # warm-up
@@ -80,7 +92,6 @@ def bench(name: str, variants: list[str], iters: int, batch: int | None, memory:
         for v in variants:
             times[v] += timed(fns[v], 5)
     med = {v: statistics.median(t) for v, t in times.items()}
-    mem = {v: peak_memory(name, v, batch) for v in variants} if memory else {}
     return {"med": med, "mem": mem}
 
 
