@@ -93,6 +93,7 @@ class Layer:
         self.phase = param.phase
         self.dtype = dtype
         self.param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        self._param_casts: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # see param_t
         self.device = torch.device(device)
         self.blobs: list[Blob] = []
         self.param_propagate_down: list[bool] = []
@@ -129,6 +130,8 @@ class Layer:
     # --------------------------------------------------------- net driver
     def run_forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> float:
         """Caffe's Layer::Forward: reshape, forward, and the weighted loss of the tops."""
+        if self._param_casts:
+            self._param_casts.clear()  # (mixed precision: cast the params afresh, see param_t)
         self.reshape(bottom, top)
         self.forward(bottom, top)
         if not self.loss_weights:
@@ -185,9 +188,22 @@ class Layer:
         return Blob(shape, self.param_dtype, self.device)
 
     def param_t(self, index: int) -> torch.Tensor:
-        """Param ``index``'s data in this layer's compute type (the master itself when they agree)."""
+        """Param ``index``'s data in this layer's compute type (the master itself when they agree).
+        A cast made in a forward is reused by the backward after it while the master is unchanged
+        in torch's eyes (an update or a load bumps its version); each forward casts afresh, so an
+        edit through a numpy array before the forward is seen."""
         t = self.blobs[index].data_t
-        return t if t.dtype == self.dtype else t.to(self.dtype)
+        if t.dtype == self.dtype:
+            return t
+        if torch.compiler.is_compiling():
+            return t.to(self.dtype)
+        key = (t.data_ptr(), t._version)
+        hit = self._param_casts.get(index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        cast = t.to(self.dtype)
+        self._param_casts[index] = (key, cast)
+        return cast
 
     def init_weight_and_bias(self, shapes: Sequence[Sequence[int]], weight_filler, bias_filler) -> None:
         """Create a weight (and bias, when two shapes are given) filled by their fillers, unless
