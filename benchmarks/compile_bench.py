@@ -163,10 +163,10 @@ def settle(fn, net) -> float:
     return sum(s["compile_s"] for s in net.fastpath.summary()) if net is not None and net.fastpath else 0.0
 
 
-def child_report(cmd: list[str]) -> dict[str, str]:
+def child_report(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, str]:
     """Run ``cmd`` (a child process) and collect its ``key value`` report lines (``maxrss_kb``: its
     max RSS); a child that failed reports nothing, and its stderr's tail is printed."""
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ)
     if out.returncode:
         print(f"child {cmd[2:]} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return {}

@@ -1,6 +1,7 @@
 """Peak memory of forward+backward on the zoo nets: recaffe against the plain torch module.
 
     python benchmarks/memory_bench.py [--nets squeezenet_v1.1,...] [--batch 10] [--iters 3] [--detail]
+                                      [--no-slack]
 
 Each variant runs alone in a child process (compile_bench's workloads): the zoo deploy net
 (../shared/reference/zoo) at ``--batch`` with force_backward, ``--iters`` forward+backward
@@ -18,7 +19,10 @@ the peak above baseline for recaffe and the torch module, their ratio, and the f
 Caffe measured (issue 13, ``caffe time``, same prototxts, CPU) where the batch matches.
 ``--detail`` adds, for recaffe, what the net holds after its last backward (tensors reachable
 from blobs and layers, each storage counted once): blob data, blob diffs, params, and the
-tensors layers keep between forward and backward.
+tensors layers keep between forward and backward. ``--no-slack`` runs both children again with
+glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_): every large tensor is then
+mapped on allocation and returned on free, so the peak shows live memory without the heap's
+fragmentation (and runs about twice as slow: every page is faulted in again at every allocation).
 """
 from __future__ import annotations
 
@@ -110,9 +114,13 @@ def prepare(name: str, batch: int, folder: str) -> None:
     export_torch(net, os.path.join(folder, "m"))
 
 
-def measure(variant: str, name: str, batch: int, iters: int, folder: str, detail: bool) -> dict:
+NO_SLACK = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+
+def measure(variant: str, name: str, batch: int, iters: int, folder: str, detail: bool,
+            env: dict | None = None) -> dict:
     report = child_report([sys.executable, __file__, "--child", variant, name, str(batch), str(iters),
-                           folder] + (["--detail"] if detail else []))
+                           folder] + (["--detail"] if detail else []), env)
     if "maxrss_kb" not in report:
         return {"peak": float("nan"), "held": {}}
     base = int(report["baseline_kb"])
@@ -132,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--iters", type=int, default=3, help="forward+backward iterations per child")
     ap.add_argument("--detail", action="store_true", help="what recaffe's net holds after backward")
+    ap.add_argument("--no-slack", action="store_true", help="also measure with a fixed mmap threshold")
     args = ap.parse_args(argv)
     imports = {w: float(child_report([sys.executable, __file__, "--child-import", w]).get("rss_kb", "nan")) / 1024
                for w in ("torch", "caffe")}
@@ -139,18 +148,24 @@ def main(argv=None) -> int:
           f"{args.iters} forward+backward iterations per child")
     print(f"import baseline RSS: import torch {imports['torch']:.0f} MiB, import caffe {imports['caffe']:.0f} MiB")
     print("peak RSS above the baseline, MiB (Caffe: MB as the issue gives them)")
-    print(f"{'net':24s} {'recaffe':>8s} {'torch':>8s} {'r/torch':>8s} {'Caffe':>8s} {'r/Caffe':>8s}")
+    print(f"{'net':24s} {'recaffe':>8s} {'torch':>8s} {'r/torch':>8s} {'Caffe':>8s} {'r/Caffe':>8s}" +
+          (f" {'no slack: recaffe':>18s} {'torch':>8s}" if args.no_slack else ""))
     for name in args.nets.split(","):
         folder = tempfile.mkdtemp(prefix="memory_bench_")
         try:
             prepare(name, args.batch, folder)
             r = measure("recaffe", name, args.batch, args.iters, folder, args.detail)
             t = measure("torch", name, args.batch, args.iters, folder, False)
+            if args.no_slack:
+                r["tight"] = measure("recaffe", name, args.batch, args.iters, folder, False, NO_SLACK)["peak"]
+                t["tight"] = measure("torch", name, args.batch, args.iters, folder, False, NO_SLACK)["peak"]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         batch, caffe = CAFFE.get(name, (None, None))
         caffe_s = f"{caffe:8d} {r['peak'] / caffe:7.2f}x" if batch == args.batch else f"{'-':>8s} {'-':>8s}"
-        print(f"{name:24s} {r['peak']:8.0f} {t['peak']:8.0f} {r['peak'] / t['peak']:7.2f}x {caffe_s}", flush=True)
+        tight = f" {r['tight']:18.0f} {t['tight']:8.0f}" if args.no_slack else ""
+        print(f"{name:24s} {r['peak']:8.0f} {t['peak']:8.0f} {r['peak'] / t['peak']:7.2f}x {caffe_s}{tight}",
+              flush=True)
         if r["held"]:
             print("    recaffe holds after backward: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in sorted(r["held"].items(), key=lambda kv: -kv[1])) +
