@@ -15,14 +15,14 @@ Per net:
 Columns: eager recaffe, compiled recaffe (``set_compile("auto")``: each segment measured eagerly
 and compiled at its first calls, then the faster kept; how many segments ended compiled), plain
 torch eager, the ratios compiled/eager and compiled/torch (< 1: compiled is faster), the compile
-time of the first run, and peak memory (max RSS of a child process running the variant alone).
+time of the first run, and peak memory (peak RSS, VmHWM, of a child process running the variant
+alone).
 Timed calls alternate between the variants in chunks to share the machine's noise; medians.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,7 +75,8 @@ def lenet(variant: str, batch: int):
     return (lambda: solver.step(1)), solver.net
 
 
-def zoo(name: str, variant: str, batch: int):
+def zoo_net(name: str, batch: int) -> Net:
+    """A zoo deploy net at batch ``batch``, with force_backward (every blob gets a diff)."""
     param = read_net_text(os.path.join(ZOO_DIR, name + ".prototxt"))
     param.force_backward = True
     for lp in param.layer:
@@ -86,35 +87,54 @@ def zoo(name: str, variant: str, batch: int):
         param.input_dim.insert(0, batch)
     for s in param.input_shape:
         s.dim[0] = batch
-    net = Net(param, caffe_pb2.TEST)
+    return Net(param, caffe_pb2.TEST)
+
+
+def zoo_arrays(net: Net) -> tuple[np.ndarray, np.ndarray]:
+    """The input and the output's gradient fed to every variant (seeded)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(net.blobs[net.inputs[0]].shape).astype(np.float32)
-    out = net.outputs[0]
-    dy = rng.standard_normal(net.blobs[out].shape).astype(np.float32)
-    if variant == "torch":
-        from recaffe.export.torch_export import export_torch, load_torch_module
-        tmp = tempfile.mkdtemp()
-        py, _ = export_torch(net, os.path.join(tmp, "m"))
-        module = load_torch_module(py)
-        xt = torch.from_numpy(x).requires_grad_(True)
-        dyt = torch.from_numpy(dy).reshape(net.blobs[out].shape)
+    dy = rng.standard_normal(net.blobs[net.outputs[0]].shape).astype(np.float32)
+    return x, dy
 
-        def fwd_bwd():
-            module.zero_grad(set_to_none=False)
-            y = module(xt)
-            y = y[0] if isinstance(y, tuple) else y
-            y.reshape(dyt.shape).backward(dyt)
-        return fwd_bwd, None
-    if variant == "compiled":
-        net.set_compile("auto")
+
+def torch_fwd_bwd(module: torch.nn.Module, x: np.ndarray, dy: np.ndarray):
+    """One forward and backward of an exported module (input and params requiring grad)."""
+    xt = torch.from_numpy(x).requires_grad_(True)
+    dyt = torch.from_numpy(dy)
+
+    def fwd_bwd():
+        module.zero_grad(set_to_none=False)
+        y = module(xt)
+        y = y[0] if isinstance(y, tuple) else y
+        y.reshape(dyt.shape).backward(dyt)
+    return fwd_bwd
+
+
+def recaffe_fwd_bwd(net: Net, x: np.ndarray, dy: np.ndarray):
+    """One forward and backward of the whole net, the output's diff set to ``dy``."""
     net.blobs[net.inputs[0]].data[...] = x
+    out = net.outputs[0]
 
     def fwd_bwd():
         net.clear_param_diffs()
         net.forward_loss()
         net.blobs[out].diff[...] = dy
         net.backward_from_to()
-    return fwd_bwd, net
+    return fwd_bwd
+
+
+def zoo(name: str, variant: str, batch: int):
+    net = zoo_net(name, batch)
+    x, dy = zoo_arrays(net)
+    if variant == "torch":
+        from recaffe.export.torch_export import export_torch, load_torch_module
+        tmp = tempfile.mkdtemp()
+        py, _ = export_torch(net, os.path.join(tmp, "m"))
+        return torch_fwd_bwd(load_torch_module(py), x, dy), None
+    if variant == "compiled":
+        net.set_compile("auto")
+    return recaffe_fwd_bwd(net, x, dy), net
 
 
 def workload(name: str, variant: str, batch: int | None):
@@ -143,19 +163,39 @@ def settle(fn, net) -> float:
     return sum(s["compile_s"] for s in net.fastpath.summary()) if net is not None and net.fastpath else 0.0
 
 
+def child_report(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, str]:
+    """Run ``cmd`` (a child process) and collect its ``key value`` report lines (``maxrss_kb``: its
+    max RSS); a child that failed reports nothing, and its stderr's tail is printed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ)
+    if out.returncode:
+        print(f"child {cmd[2:]} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return dict(ln.split(" ", 1) for ln in out.stdout.splitlines() if " " in ln)
+
+
 def peak_memory(name: str, variant: str, batch: int | None) -> float:
     """Max RSS (MiB) of a child process that builds and runs the variant alone."""
-    cmd = [sys.executable, __file__, "--child", name, variant, str(batch or 0)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("maxrss_kb ")]
-    return float(lines[-1].split()[1]) / 1024 if lines else float("nan")
+    report = child_report([sys.executable, __file__, "--child", name, variant, str(batch or 0)])
+    return float(report["maxrss_kb"]) / 1024 if "maxrss_kb" in report else float("nan")
+
+
+def status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now; VmHWM: its peak), kB.
+
+    (Not ``ru_maxrss``: a child started by a bigger parent inherits the parent's RSS there, since
+    Linux keeps the larger of the old and new address spaces' peaks across exec.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 def child(name: str, variant: str, batch: int) -> int:
     fn, net = workload(name, variant, batch or None)
     settle(fn, net)
     timed(fn, 3)
-    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print("maxrss_kb", status_kb("VmHWM"))
     return 0
 
 

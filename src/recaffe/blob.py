@@ -241,6 +241,21 @@ class Blob:
     def diff(self, value) -> None:
         self.diff[...] = value
 
+    def release_data(self) -> None:
+        """Let go of the data tensor, which a layer is about to replace (Net frees memory early
+        this way): kept while Python holds arrays over it or it is another blob's (shared)."""
+        self._release(self._data)
+
+    def release_diff(self) -> None:
+        """As release_data, for the diff."""
+        self._release(self._diff)
+
+    @staticmethod
+    def _release(s: _Synced) -> None:
+        if s.live is None and s.shared_from is None:
+            s.tensor = s.host = None
+            s.host_newer = False
+
     def share_data(self, other: "Blob") -> None:
         """Use ``other``'s data tensor (same count), as Caffe's ShareData."""
         if other.count() != self.count():

@@ -85,6 +85,13 @@ class Layer:
     auto_top_blobs = False
     # A layer running the user's code (Python layers): its exceptions reach the caller as raised.
     runs_user_code = False
+    # Memory: forward gives each top that is not also a bottom a new tensor (``top.data_t = t``)
+    # without reading the top's previous data; backward likewise gives each bottom it propagates
+    # to a new diff. The net then lets go of the old tensor before calling the layer, so the old
+    # and the new never coexist (Blob.release_data: a blob whose arrays Python holds keeps its
+    # memory). Values are never affected.
+    replaces_tops = False
+    replaces_bottom_diffs = False
 
     def __init__(self, param: caffe_pb2.LayerParameter, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):

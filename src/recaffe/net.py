@@ -199,6 +199,7 @@ class Net:
                     self._blob_need_backward[blob_id] = True
 
         self._prune_backward(param)
+        self._plan_releases()
         self._fastpath = None
         if _fastpath.compile_mode():
             self.set_compile(_fastpath.compile_mode())
@@ -371,6 +372,19 @@ class Net:
                     self._blob_need_backward[blob_id] = self._blob_need_backward[blob_id] or need
                 layer.param_propagate_down = [True] * len(layer.blobs)
 
+    def _plan_releases(self) -> None:
+        """Which blobs each layer replaces, so that their old tensors go before the new ones are
+        computed (Layer.replaces_tops, replaces_bottom_diffs): per layer, the tops that are not
+        also bottoms; the bottoms backward propagates to that are not also tops."""
+        self._forward_releases = [
+            [t for t in tops if not any(t is b for b in bottoms)] if layer.replaces_tops else []
+            for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs)]
+        self._backward_releases = [
+            [b for b, down in zip(bottoms, prop) if down and not any(b is t for t in tops)]
+            if layer.replaces_bottom_diffs else []
+            for layer, bottoms, tops, prop in zip(self.layers, self.bottom_vecs, self.top_vecs,
+                                                  self.bottom_need_backward)]
+
     # ------------------------------------------------------------ running
     def set_compile(self, mode: bool | str = True) -> None:
         """Run this net's whole-net forward/backward through the compiled fast path (True or
@@ -394,9 +408,12 @@ class Net:
         loss = 0.0
         layers, bottoms, tops, casts = self.layers, self.bottom_vecs, self.top_vecs, self._casts
         before, after = self._callbacks["before_forward"], self._callbacks["after_forward"]
+        releases = self._forward_releases
         for i in range(start, end + 1):
             for run in before:
                 run(i)
+            for blob in releases[i]:
+                blob.release_data()
             if casts[i] is None:
                 loss += layers[i].run_forward(bottoms[i], tops[i])
             else:
@@ -446,10 +463,13 @@ class Net:
         before, after = self._callbacks["before_backward"], self._callbacks["after_backward"]
         direct = self.loss_scale == 1
         casts = self._casts
+        releases = self._backward_releases
         for i in range(start, end - 1, -1):
             for run in before:
                 run(i)
             if need[i]:
+                for blob in releases[i]:
+                    blob.release_diff()
                 if direct and casts[i] is None:
                     layers[i].backward(tops[i], prop[i], bottoms[i])
                 else:

@@ -14,6 +14,7 @@ class InnerProductLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.inner_product_param
@@ -78,6 +79,7 @@ class SplitLayer(Layer):
 
     exact_num_bottom_blobs = 1
     min_top_blobs = 1
+    replaces_bottom_diffs = True
 
     def reshape(self, bottom, top):
         for t in top:
@@ -111,6 +113,7 @@ class ConcatLayer(Layer):
 
     min_bottom_blobs = 1
     exact_num_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.concat_param
@@ -304,6 +307,7 @@ class SoftmaxLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def reshape(self, bottom, top):
         self.axis = canonical_axis(self.layer_param.softmax_param.axis, bottom[0].num_axes, self)
@@ -311,6 +315,7 @@ class SoftmaxLayer(Layer):
             top[0].reshape_like(bottom[0])
 
     def forward(self, bottom, top):
+        self._y = None  # the last forward's, not kept beside the new one
         y = torch.softmax(bottom[0].data_t, dim=self.axis)
         self._y = y
         top[0].data_t = y
@@ -429,6 +434,7 @@ class EltwiseLayer(Layer):
 
     min_bottom_blobs = 2
     exact_num_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.eltwise_param
@@ -451,6 +457,7 @@ class EltwiseLayer(Layer):
 
     def forward(self, bottom, top):
         xs = [b.data_t for b in bottom]
+        self._max_idx = None  # the last forward's, not kept beside the new one
         if self.op == _ELTWISE.PROD:
             y = xs[0] * xs[1]
             for x in xs[2:]:

@@ -47,6 +47,8 @@ class NeuronLayer(Layer):
 class ReLULayer(NeuronLayer):
     """max(0, x) + negative_slope * min(0, x); the gradient at x == 0 is negative_slope, as Caffe."""
 
+    replaces_tops = replaces_bottom_diffs = True
+
     def layer_setup(self, bottom, top):
         self.negative_slope = self.layer_param.relu_param.negative_slope
 
@@ -74,6 +76,8 @@ class ReLULayer(NeuronLayer):
 class SigmoidLayer(NeuronLayer):
     """y = 1 / (1 + exp(-x)); the gradient dy * y * (1 - y) needs only the top, so in place is safe."""
 
+    replaces_tops = replaces_bottom_diffs = True
+
     def forward(self, bottom, top):
         top[0].data_t = torch.sigmoid(bottom[0].data_t)
 
@@ -85,6 +89,8 @@ class SigmoidLayer(NeuronLayer):
 @register("TanH")
 class TanHLayer(NeuronLayer):
     """y = tanh(x); the gradient dy * (1 - y^2) needs only the top."""
+
+    replaces_tops = replaces_bottom_diffs = True
 
     def forward(self, bottom, top):
         top[0].data_t = torch.tanh(bottom[0].data_t)
@@ -103,6 +109,8 @@ class DropoutLayer(NeuronLayer):
     TRAIN keeps the unscaled mask (y = x * mask) and TEST multiplies by (1 - ratio) instead, in
     backward too; the factor is the fork's float 1 / scale with scale = 1 / (1 - ratio)."""
 
+    replaces_tops = replaces_bottom_diffs = True
+
     def layer_setup(self, bottom, top):
         p = self.layer_param.dropout_param
         ratio = p.dropout_ratio
@@ -119,6 +127,7 @@ class DropoutLayer(NeuronLayer):
     def forward(self, bottom, top):
         x = bottom[0].data_t
         if self.phase == caffe_pb2.TRAIN:
+            self.mask = None  # the last forward's, not kept beside the new one
             keep = torch.empty_like(x).bernoulli_(1.0 - self.ratio, generator=rng.generator(x.device))
             # scaled mask: values in {0, scale}; unscaled with scale_train false: {0, 1}
             self.mask = keep.mul_(self.scale) if self.scale_train else keep

@@ -135,6 +135,7 @@ class _BaseConvolution(Layer):
     min_top_blobs = 1
     equal_num_bottom_top_blobs = True
     reverse = False  # Deconvolution: the weights map top channels to bottom channels
+    replaces_tops = replaces_bottom_diffs = True
     # 2-D Convolution in channels-last layout (set by the compiled fast path where it measures faster)
     channels_last = False
 
@@ -478,6 +479,7 @@ class PoolingLayer(Layer):
     exact_num_bottom_blobs = 1
     min_top_blobs = 1
     max_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def __init__(self, param, dtype=torch.float32, device="cpu"):
         super().__init__(param, dtype, device)
@@ -558,6 +560,7 @@ class PoolingLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data_t
         g = self._geom
+        self._idx = self._test_total = None  # the last forward's, not kept beside the new ones
         if self.pool == _PoolMethod.MAX:
             y, idx = self._max_forward(x, g)
             self._idx = idx
@@ -582,12 +585,13 @@ class PoolingLayer(Layer):
             if x.device.type == "cpu" and x.shape[1] >= _CHANNELS_LAST_MIN:
                 # torch's NCHW max pooling is scalar code on CPU; the channels-last kernel is
                 # vectorized over channels and picks the same (first) maximum
-                x = x.contiguous(memory_format=torch.channels_last)
                 y, idx = torch.ops.aten.max_pool2d_with_indices(
-                    x, self.kernel, self.stride, self.pad, [1, 1], g.ceil)
-                return y.contiguous(), idx.contiguous()
-            return torch.ops.aten.max_pool2d_with_indices(x, self.kernel, self.stride, self.pad,
-                                                          [1, 1], g.ceil)
+                    x.contiguous(memory_format=torch.channels_last), self.kernel, self.stride,
+                    self.pad, [1, 1], g.ceil)
+                return y.contiguous(), _mask(idx)
+            y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.kernel, self.stride, self.pad,
+                                                            [1, 1], g.ceil)
+            return y, _mask(idx)
         xp = F.pad(x, g.pad_arg, value=-math.inf)
         y, ip = torch.ops.aten.max_pool2d_with_indices(xp, self.kernel, self.stride, [0, 0], [1, 1],
                                                        False)
@@ -596,7 +600,7 @@ class PoolingLayer(Layer):
         if g.empty is not None:
             y = y.masked_fill(g.empty, -FLT_MAX)
             idx = idx.masked_fill(g.empty, -1)
-        return y, idx
+        return y, _mask(idx)
 
     def _windows(self, x, g):
         """(N, C, oh, ow, kh * kw): each window's values in Caffe's row-major order."""
@@ -623,7 +627,7 @@ class PoolingLayer(Layer):
         if g.empty is not None:
             y = y.masked_fill(g.empty, 0)
             idx = idx.masked_fill(g.empty, -1)
-        self._idx = idx
+        self._idx = _mask(idx)
         return y
 
     def _stochastic_test(self, x, g):
@@ -645,7 +649,7 @@ class PoolingLayer(Layer):
                 dx = self._scatter(dy, top[1].data_t.to(torch.long), x.shape)
             elif g.fast:
                 dx = torch.ops.aten.max_pool2d_with_indices_backward(
-                    dy, x, self.kernel, self.stride, self.pad, [1, 1], g.ceil, self._idx)
+                    dy, x, self.kernel, self.stride, self.pad, [1, 1], g.ceil, self._idx.long())
             else:
                 dx = self._scatter(dy, self._idx, x.shape)
         elif self.pool == _PoolMethod.AVE:
@@ -676,13 +680,19 @@ class PoolingLayer(Layer):
         """Add each top diff into the pixel its index names (-1: none) of the same plane."""
         n, c, h, w = shape
         dy = dy.reshape(n * c, -1)
-        idx = idx.reshape(n * c, -1)
+        idx = idx.reshape(n * c, -1).long()
         invalid = idx < 0
         if bool(invalid.any()):
             dy = dy.masked_fill(invalid, 0)
             idx = idx.masked_fill(invalid, 0)
         dx = torch.zeros(n * c, h * w, dtype=dy.dtype, device=dy.device)
         return dx.scatter_add_(1, idx, dy).view(shape)
+
+
+def _mask(idx: torch.Tensor) -> torch.Tensor:
+    """Pooling's argmax indices as kept for backward: int32 and NCHW, as Caffe's max_idx_ (an
+    index within one plane fits; int64, torch's type, would double what pooling keeps)."""
+    return idx.to(torch.int32, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------- LRN
@@ -697,6 +707,7 @@ class LRNLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
+    replaces_tops = replaces_bottom_diffs = True
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.lrn_param
@@ -733,6 +744,7 @@ class LRNLayer(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data_t
+        self._scale = None  # the last forward's, not kept beside the new one
         if self.region == _Norm.ACROSS_CHANNELS:
             scale = self._window_mean(x * x).mul_(self.alpha).add_(self.k)
         else:
