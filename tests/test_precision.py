@@ -12,8 +12,9 @@ from recaffe.precision import LossScaler, PrecisionError
 from recaffe.proto import caffe_pb2
 
 # a small net touching each kind of layer: a data layer (float32), low-precision convolution,
-# BatchNorm computing in place on a low-precision blob (float32: a converted copy), Scale and ReLU
-# in place (low), pooling, inner product, and a float32 loss.
+# BatchNorm in place (its input's type, float32 inside), a Scale in place asking for float32 (NVCaffe's
+# forward_type: it runs on a converted copy of the bf16 blob), ReLU in place, pooling, inner product,
+# and a float32 loss.
 NET = """
 name: "mp"
 layer { name: "data" type: "Input" top: "data" top: "label"
@@ -22,7 +23,7 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param { num_output: 6 kernel_size: 3 pad: 1
                             weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
-layer { name: "scale" type: "Scale" bottom: "conv" top: "conv"
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" forward_type: FLOAT
         scale_param { bias_term: true filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
 layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
@@ -75,7 +76,7 @@ def _norm_err(ours, ref):
 def test_layer_compute_types():
     net = make_net(NET, precision="bf16")
     types = {name: layer.dtype for name, layer in net.layer_dict.items()}
-    assert types == {"data": torch.float32, "conv": torch.bfloat16, "bn": torch.float32, "scale": torch.bfloat16,
+    assert types == {"data": torch.float32, "conv": torch.bfloat16, "bn": torch.bfloat16, "scale": torch.float32,
                      "relu": torch.bfloat16, "pool": torch.bfloat16, "ip": torch.bfloat16, "loss": torch.float32}
     # blobs take their producer's type: the activations between low layers are half the size
     assert {n: b.dtype for n, b in net.blobs.items()} == {
@@ -85,7 +86,7 @@ def test_layer_compute_types():
     assert {b.dtype for blobs in net.params.values() for b in blobs} == {torch.float32}
     # only the layers whose compute type differs from a blob they read run on converted copies
     converted = [net.layer_names[i] for i, c in enumerate(net._casts) if c is not None]
-    assert converted == ["conv", "bn", "loss"]
+    assert converted == ["conv", "scale", "loss"]
 
 
 def test_fp32_net_has_no_conversions():
@@ -466,7 +467,9 @@ def test_compiled_fast_path_runs_mixed_precision_nets():
     summary = compiled.fastpath.summary()
     assert any(s["choice"] == "compiled" for s in summary)
     # the layers that convert types run eagerly; the rest compiled, within float rounding of eager
-    assert all("conv" not in s["layers"] and "bn" not in s["layers"] for s in summary)
+    converting = {compiled.layer_names[i] for i, c in enumerate(compiled._casts) if c is not None}
+    assert converting == {"conv", "scale", "loss"}
+    assert all(not converting & set(s["layers"]) for s in summary)
     assert _rel_err(compiled.blobs["ip"].data, eager.blobs["ip"].data) < 2 ** -7
     assert _norm_err(compiled.params["conv"][0].diff, eager.params["conv"][0].diff) < 2 ** -5
 

@@ -50,8 +50,10 @@ LOW_PRECISION_TYPES = frozenset({
     "Log", "Swish", "Clip", "Threshold", "Concat", "Eltwise", "Scale", "Bias", "Crop", "Permute",
     "Interp", "Upsample", "ShuffleChannel", "Axpy", "Tile", "Reorg",
 })
-# Types that only route or reshape their input (or drop it): they take their first bottom's type.
-INHERIT_TYPES = frozenset({"Split", "Flatten", "Reshape", "Dropout", "Silence", "Slice"})
+# Types that take their first bottom's type: those that only route or reshape their input (or drop
+# it), and BatchNorm, which computes its statistics and normalization in float32 internally (so a
+# BatchNorm in place on a bf16 convolution needs no converted copy).
+INHERIT_TYPES = frozenset({"Split", "Flatten", "Reshape", "Dropout", "Silence", "Slice", "BatchNorm"})
 
 # Dynamic loss scaling (float16): the first scale, its growth after clean iterations, and its bounds.
 INITIAL_SCALE = 2.0 ** 16

@@ -59,7 +59,9 @@ class BatchNormLayer(Layer):
         return x.reshape(n, self.channels, spatial)  # (N, C, spatial)
 
     def forward(self, bottom, top):
-        x = self._stats_view(bottom[0].data_t)
+        # (mixed precision: statistics and normalization in float32, the param type, whatever
+        # the blobs' type; the top is stored back in it)
+        x = self._stats_view(bottom[0].data_t.to(self.param_dtype))
         if self.use_global_stats:
             s = self.blobs[2].data_t[0]
             inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)  # a zero scale factor gives 0
@@ -79,17 +81,18 @@ class BatchNormLayer(Layer):
         std = torch.sqrt(var + self.eps).reshape(1, -1, 1)
         y = xc / std
         self._std = std
-        self._x_norm = y  # kept for backward: the top may be overwritten by a later in-place layer
+        # kept for backward (the top may be overwritten by a later in-place layer), in the blobs' type
+        self._x_norm = y.to(self.dtype)
         top[0].data_t = y.reshape(top[0].shape)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy = self._stats_view(top[0].diff_t)
+        dy = self._stats_view(top[0].diff_t.to(self.param_dtype))
         if self.use_global_stats:
             dx = dy / self._std
         else:
-            y = self._x_norm
+            y = self._x_norm.to(self.param_dtype)
             mean_dy = dy.mean(dim=(0, 2), keepdim=True)
             mean_dy_y = (dy * y).mean(dim=(0, 2), keepdim=True)
             dx = (dy - mean_dy - mean_dy_y * y) / self._std
