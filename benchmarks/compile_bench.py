@@ -154,11 +154,13 @@ def timed(fn, n):
 
 
 def settle(fn, net) -> float:
-    """Run ``fn`` until every compiled segment has made its choice; the seconds spent compiling."""
-    for _ in range(50):
+    """Run ``fn`` until every compiled segment has made its choice and the whole-pass check is done;
+    the seconds spent compiling."""
+    for _ in range(80):
         fn()
-        if net is None or net.fastpath is None or \
-                all(s["choice"] != "measuring" for s in net.fastpath.summary()):
+        fp = net.fastpath if net is not None else None
+        if fp is None or (all(s["choice"] != "measuring" for s in fp.summary())
+                          and (fp.pass_check is None or fp.pass_check.state == "done")):
             break
     return sum(s["compile_s"] for s in net.fastpath.summary()) if net is not None and net.fastpath else 0.0
 

@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+from helpers import capture_log
 from recaffe import fastpath
 from recaffe.io.protofiles import parse_text
 from recaffe.net import Net
@@ -271,3 +272,50 @@ def test_a_segment_that_does_not_compile_runs_eagerly_from_the_same_state(monkey
     assert all(s.choice == "eager" for s in net.fastpath.forward_segments + net.fastpath.backward_segments)
     for a, b in zip(eager.learnable_params, net.learnable_params):
         np.testing.assert_array_equal(b.diff, a.diff)
+
+
+@pytest.mark.parametrize("cost_after_choice, expected", [(0.5, "compiled"), (3.0, "eager")])
+def test_whole_pass_check_undoes_choices_that_slow_the_pass(monkeypatch, cost_after_choice, expected):
+    """Segments measured faster alone can make the whole pass slower (layouts, the eager work
+    around them): after the choices, whole passes are timed as chosen and all eager, and the
+    faster is kept. Fake clock: eager calls cost 1, compiled calls 0.5 while the segment measures
+    and ``cost_after_choice`` once it has chosen."""
+    net = Net(parse_text(NET.replace('type: "Python"', 'type: "ReLU"').replace(
+        'python_param { module: "fastpath_twice" layer: "Twice" }', ""), caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    clock = [0.0]
+    plain_eager = fastpath.Segment._eager_fn
+
+    def compiled(seg):
+        fn = plain_eager(seg)
+
+        def run():
+            clock[0] += 0.5 if seg.choice == "measuring" else cost_after_choice
+            return fn()
+        return run
+
+    def eager(seg):
+        fn = plain_eager(seg)
+
+        def run():
+            clock[0] += 1.0
+            return fn()
+        return run
+
+    monkeypatch.setattr(fastpath, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(fastpath.Segment, "_build_compiled", compiled)
+    monkeypatch.setattr(fastpath.Segment, "_eager_fn", eager)
+    net.set_compile("auto")
+    x, y = batch(0)
+    net.blobs["x"].data[...] = x
+    net.blobs["y"].data[...] = y
+    segs = [s for s in net.fastpath.segments if s.capturable]
+    with capture_log() as lines:
+        for _ in range(60):
+            net.forward()
+            net.backward()
+            if net.fastpath.pass_check.state == "done":
+                break
+    assert net.fastpath.pass_check.state == "done"
+    assert [s.choice for s in segs] == [expected] * len(segs)
+    assert any(ln.startswith(f"Compiled fast path: net {net.name}, whole forward+backward: all eager")
+               for ln in lines)

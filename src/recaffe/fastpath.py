@@ -16,7 +16,11 @@ param between calls is read by the next call (the tensors are graph inputs, neve
 **Choosing per segment.** Compiling is not always faster (Inductor's CPU convolutions and extern
 kernels can lose to eager). Each compiled segment first runs eagerly for a few calls (timed), is
 then compiled (the compile time is logged) and timed for a few calls, and from then on runs the
-faster of the two (fastest call against fastest call: the least disturbed on a shared machine). ``set_compile("always")`` skips the measurement (tests use it).
+faster of the two (fastest call against fastest call: the least disturbed on a shared machine).
+Segments that are faster alone can still make the whole pass slower (layouts changing between a
+compiled forward and an eager backward, the eager work around them), so once every segment has
+chosen, whole passes (forward and backward) are timed as chosen and all eager, and the net keeps
+the faster (``PassCheck``; logged). ``set_compile("always")`` skips the measurements (tests use it).
 
 **Numbers.** Inductor fuses elementwise ops and may reorder float arithmetic, so compiled results
 agree with eager within float rounding, not bit for bit (docs/performance.md). The solver's update
@@ -51,9 +55,12 @@ _env = os.environ.get(COMPILE_ENV, "").strip().lower()
 _mode: str | None = None if _env in ("", "0", "false", "no", "off") else ("always" if _env == "always" else "auto")
 
 # Calls per segment: one eager warm-up, EAGER_SAMPLES timed eager calls, one compiling call, one
-# compiled warm-up, COMPILED_SAMPLES timed compiled calls; then the choice.
+# compiled warm-up, COMPILED_SAMPLES timed compiled calls; then the choice. Then, if any segment
+# chose compiled code, the whole pass is checked: PASS_SAMPLES passes as chosen and as many all
+# eager (each after one untimed pass), and the faster kept.
 EAGER_SAMPLES = 5
 COMPILED_SAMPLES = 5
+PASS_SAMPLES = 5
 
 # Layer types always run eagerly, with the reason logged.
 _EAGER_TYPES = {
@@ -280,6 +287,7 @@ class FastPath:
         self.forward_segments = self._cut(list(range(n)), "forward", mode)
         need = [k for k in range(n - 1, -1, -1) if net.layer_need_backward[k]]
         self.backward_segments = self._cut(need, "backward", mode)
+        self.pass_check = PassCheck(self) if mode == "auto" else None
 
     def _cut(self, ids: list[int], direction: str, mode: str) -> list[Segment]:
         net = self.net
@@ -300,14 +308,88 @@ class FastPath:
         return segments
 
     def forward(self) -> float:
+        check = self.pass_check
+        if check is not None:
+            check.pass_starts()
+            t = time.perf_counter()
         loss = 0.0
         for seg in self.forward_segments:
             loss += seg.run()
+        if check is not None:
+            check.add(time.perf_counter() - t)
         return loss
 
     def backward(self) -> None:
+        check = self.pass_check
+        if check is not None:
+            t = time.perf_counter()
         for seg in self.backward_segments:
             seg.run()
+        if check is not None:
+            check.add(time.perf_counter() - t)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self.forward_segments + self.backward_segments
+
+    @property
+    def active(self) -> bool:
+        """False once every segment has settled on eager code: the net then runs its plain loop."""
+        check = self.pass_check
+        return check is None or check.state != "done" or any(s.choice == "compiled" for s in self.segments)
 
     def summary(self) -> list[dict]:
         return [s.summary() for s in self.forward_segments + self.backward_segments if s.capturable]
+
+
+class PassCheck:
+    """The whole-pass check after the per-segment choices (see the module docstring): a pass is the
+    time spent in the fast path's forward and backward between two forwards."""
+
+    def __init__(self, fastpath: FastPath):
+        self.fastpath = fastpath
+        self.state = "choosing"  # -> "as chosen" -> "all eager" -> "done"
+        self.elapsed = 0.0
+        self.samples: dict[str, list[float]] = {"as chosen": [], "all eager": []}
+        self.compiled: list[Segment] = []
+        self._warm = False
+
+    def add(self, seconds: float) -> None:
+        self.elapsed += seconds
+
+    def pass_starts(self) -> None:
+        """A forward begins: the previous pass (if one was timed) is complete."""
+        seconds, self.elapsed = self.elapsed, 0.0
+        if self.state == "done":
+            return
+        if self.state == "choosing":
+            segs = [s for s in self.fastpath.segments if s.capturable]
+            if any(s.choice == "measuring" for s in segs):
+                return
+            self.compiled = [s for s in segs if s.choice == "compiled"]
+            self.state = "as chosen" if self.compiled else "done"
+            self._warm = False
+            return
+        if self.fastpath.net.device.type == "cuda":
+            torch.cuda.synchronize()
+        if not self._warm:  # the first pass of a state warms up (and its time began before it)
+            self._warm = True
+            return
+        samples = self.samples[self.state]
+        samples.append(seconds)
+        if len(samples) < PASS_SAMPLES:
+            return
+        if self.state == "as chosen":
+            self.state, self._warm = "all eager", False
+            for s in self.compiled:
+                s.choice = "eager"
+            return
+        chosen, eager = min(self.samples["as chosen"]), min(self.samples["all eager"])
+        keep = chosen < eager
+        for s in self.compiled:
+            s.choice = "compiled" if keep else "eager"
+        self.state = "done"
+        log.info("Compiled fast path: net %s, whole forward+backward: all eager %.3g ms, as chosen %.3g ms "
+                 "(%.2fx): %s", self.fastpath.net.name, eager * 1e3, chosen * 1e3, eager / chosen,
+                 "keeping the compiled segments" if keep else "running every segment eagerly")
+

@@ -403,7 +403,7 @@ class Net:
 
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         end = len(self.layers) - 1 if end is None else end
-        if self._fastpath is not None and start == 0 and end == len(self.layers) - 1:
+        if self._fastpath is not None and start == 0 and end == len(self.layers) - 1 and self._fastpath.active:
             return self._fastpath.forward()
         loss = 0.0
         layers, bottoms, tops, casts = self.layers, self.bottom_vecs, self.top_vecs, self._casts
@@ -455,7 +455,7 @@ class Net:
 
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         start = len(self.layers) - 1 if start is None else start
-        if self._fastpath is not None and start == len(self.layers) - 1 and end == 0:
+        if self._fastpath is not None and start == len(self.layers) - 1 and end == 0 and self._fastpath.active:
             self._fastpath.backward()
             return
         layers, bottoms, tops = self.layers, self.bottom_vecs, self.top_vecs
