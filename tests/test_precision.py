@@ -1,5 +1,7 @@
 """Mixed precision (recaffe/precision.py): which layers compute in which type, float32 master
 weights, conversions at the boundaries, loss scaling, and the solver's update on the masters."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -425,7 +427,9 @@ def test_reference_case_in_low_precision(where, case, name):
 # ------------------------------------------------------------------ the command and the fast path
 @pytest.fixture
 def restore_precision(monkeypatch):
-    monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    # (setenv, not delenv: monkeypatch then removes the variable -precision sets, at teardown, so
+    # later tests' worker processes do not inherit bf16)
+    monkeypatch.setenv(precision.PRECISION_ENV, "")
     yield
     caffe.set_precision(None)
 
@@ -441,6 +445,7 @@ def test_caffe_train_precision_flag(tmp_path, monkeypatch, restore_precision):
     assert "Precision: bf16 (float32 master weights)" in lines
     assert any(ln.startswith("Mixed precision: bfloat16 compute, float32 master weights") for ln in lines)
     assert "Optimization Done." in lines
+    assert os.environ[precision.PRECISION_ENV] == "bf16"  # (for multi-GPU workers)
     w = caffe.Net("net.prototxt", caffe.TEST, weights="solver_iter_10.caffemodel").params["ip"][0].data
     assert w.dtype == np.float32 and np.isfinite(w).all()
 
