@@ -163,6 +163,77 @@ def test_batch_norm_masks_statistics_from_the_solver():
     assert [p.lr_mult for p in layer.layer_param.param] == [0, 0, 0]
 
 
+# NVCaffe's BatchNorm (any of scale_bias, scale_filler, bias_filler, engine): moving averages,
+# biased variance, eps >= 1e-5, optional learned scale and bias (NVCaffe's batch_norm_layer.cpp).
+NV_BN = BN % "batch_norm_param { scale_bias: true moving_average_fraction: 0.75 eps: 1e-6 %s }"
+
+
+def test_nvcaffe_batch_norm_forward_statistics_and_scale_bias():
+    x = randn(4, 3, 2, 2) * 2 + 1
+    text = NV_BN % 'scale_filler { type: "constant" value: 1.5 } bias_filler { type: "constant" value: -0.25 }'
+    layer, bottom, top = make_layer(text, [x])
+    assert layer.nvcaffe and layer.scale_bias
+    assert [b.shape for b in layer.blobs] == [(3,), (3,), (1,), (3,), (3,)]
+    assert layer.eps == 1e-5  # at least 1e-5, as NVCaffe
+    layer.run_forward(bottom, top)
+    y, mean, var = np_batch_norm(x, 1e-5)
+    np.testing.assert_allclose(top[0].data, 1.5 * y - 0.25, rtol=1e-10)
+    # the first two forwards copy the batch statistics (biased variance); blob2 stays 1
+    np.testing.assert_allclose(layer.blobs[0].data, mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.blobs[1].data, var, rtol=1e-12)
+    np.testing.assert_allclose(layer.blobs[2].data, [1.0])
+    x2, x3 = randn(4, 3, 2, 2, seed=1), randn(4, 3, 2, 2, seed=2)
+    for xi in (x2, x3):
+        bottom[0].data[...] = xi
+        layer.run_forward(bottom, top)
+    _, mean2, var2 = np_batch_norm(x2, 1e-5)
+    _, mean3, var3 = np_batch_norm(x3, 1e-5)
+    maf = f32(0.75)
+    np.testing.assert_allclose(layer.blobs[0].data, maf * mean2 + (1 - maf) * mean3, rtol=1e-12)
+    np.testing.assert_allclose(layer.blobs[1].data, maf * var2 + (1 - maf) * var3, rtol=1e-12)
+
+
+def test_nvcaffe_batch_norm_global_stats_use_the_blobs_as_they_are():
+    x = randn(2, 2, 3)
+    layer, bottom, top = make_layer(NV_BN % "", [x], phase=caffe_pb2.TEST)
+    layer.blobs[0].data[...] = [0.5, -1.0]
+    layer.blobs[1].data[...] = [2.0, 3.0]
+    layer.blobs[2].data[...] = [7.0]  # NVCaffe does not divide by it
+    layer.blobs[3].data[...] = [2.0, 0.5]
+    layer.blobs[4].data[...] = [1.0, 0.0]
+    layer.run_forward(bottom, top)
+    mean, var = np.array([0.5, -1.0])[None, :, None], np.array([2.0, 3.0])[None, :, None]
+    expected = (x - mean) / np.sqrt(var + 1e-5) * np.array([2.0, 0.5])[None, :, None] + \
+        np.array([1.0, 0.0])[None, :, None]
+    np.testing.assert_allclose(top[0].data, expected, rtol=1e-10)
+
+
+def test_nvcaffe_batch_norm_forces_its_learning_rates():
+    layer, _, _ = make_layer(NV_BN % "" + " param { lr_mult: 3 } param { lr_mult: 2 }", [randn(2, 3)])
+    assert [(p.lr_mult, p.decay_mult) for p in layer.layer_param.param] == [(0, 0)] * 3 + [(1, 1)] * 2
+    assert layer.param_propagate_down == [False, False, False, True, True]
+    plain = make_layer(BN % "batch_norm_param { engine: CUDNN }", [randn(2, 3)])[0]
+    assert plain.nvcaffe and not plain.scale_bias and len(plain.blobs) == 3
+    filler = make_layer(BN % 'batch_norm_param { bias_filler { type: "constant" value: 2 } }', [randn(2, 3)])[0]
+    assert filler.scale_bias and filler.blobs[3].data.tolist() == [1, 1, 1] and filler.blobs[4].data.tolist() == [2, 2, 2]
+
+
+def test_nvcaffe_batch_norm_gradient():
+    text = NV_BN % 'scale_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 }'
+    check_gradient(text, [randn(3, 2, 2, 2)])  # bottom, scale and bias (statistics: no gradient)
+
+    def set_stats(layer):
+        layer.blobs[0].data[...] = [0.5, -1.0]
+        layer.blobs[1].data[...] = [2.0, 3.0]
+
+    check_gradient(text, [randn(2, 2, 3)], check_params=False, phase=caffe_pb2.TEST,
+                   layer_setup_hook=set_stats)
+
+
+def test_nvcaffe_batch_norm_in_place():
+    assert_in_place_matches(NV_BN % 'scale_filler { type: "gaussian" std: 1 }', [randn(3, 2, 2)])
+
+
 def test_batch_norm_errors():
     raises_named(BN % "param { lr_mult: 0 } param { lr_mult: 1 }", [randn(2, 3)],
                  match="Cannot configure batch normalization statistics")
@@ -336,3 +407,30 @@ def test_mvn_gradient(param):
 def test_mvn_in_place_and_errors():
     assert_in_place_matches('type: "MVN"', [randn(2, 2, 2, 2)])
     raises_named('type: "MVN"', [randn(1, 1, 1, 2, 2)], match="4 axes")
+
+
+def test_nvcaffe_batch_norm_exports(tmp_path):
+    """The learned scale and bias fold into the exported normalization (ONNX and torch)."""
+    pytest.importorskip("onnxruntime")
+    from helpers import make_net
+    from recaffe.export.onnx_export import export_onnx
+    from recaffe.export.torch_export import export_torch, load_torch_module
+    import onnxruntime
+    net = make_net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }\n'
+                   'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y" batch_norm_param { scale_bias: true '
+                   'scale_filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } } }',
+                   caffe_pb2.TEST)
+    bn = net.layer_by_name("bn")
+    bn.blobs[0].data[...] = [0.5, -1.0, 0.0]
+    bn.blobs[1].data[...] = [2.0, 3.0, 0.5]
+    x = randn(2, 3, 4, 4).astype("f4")
+    ref = net.forward(x=x)["y"].copy()
+    path = str(tmp_path / "bn.onnx")
+    export_onnx(net, path)
+    out = onnxruntime.InferenceSession(path).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    module = load_torch_module(export_torch(net, str(tmp_path / "m"))[0])
+    with torch.no_grad():
+        y = module(torch.from_numpy(x))
+    y = y[0] if isinstance(y, tuple) else y
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)

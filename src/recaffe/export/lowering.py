@@ -257,8 +257,18 @@ def _batch_norm(v):
     with torch.no_grad():
         s = lay.blobs[2].data_t.float()[0]
         inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)
+        if getattr(lay, "nvcaffe", False):
+            inv = torch.ones_like(s)  # NVCaffe uses its statistics as they are
         mean = lay.blobs[0].data_t.float() * inv
         std = torch.sqrt(lay.blobs[1].data_t.float() * inv + lay.eps)
+        if getattr(lay, "scale_bias", False):
+            # NVCaffe's y = x_norm * scale + bias, folded: (x - (mean - bias * std / scale)) / (std / scale)
+            scale, bias = lay.blobs[3].data_t.float(), lay.blobs[4].data_t.float()
+            if bool((scale == 0).any()):
+                raise v.error("NVCaffe's scale_bias with a zero scale cannot be folded into the exported "
+                              "normalization")
+            mean = mean - bias * std / scale
+            std = std / scale
     shape = _channel_shape(v)
     return Lowered({}, {"mean": Param(mean.numpy().reshape(shape), learnable=False),
                         "std": Param(std.numpy().reshape(shape), learnable=False)})

@@ -100,6 +100,20 @@ FORK_FIELDS: dict[tuple[str, str], tuple[str, int | None]] = {
     ("LayerParameter", "backward_type"): (NVCAFFE, 146),
     ("LayerParameter", "forward_math"): (NVCAFFE, 147),
     ("LayerParameter", "backward_math"): (NVCAFFE, 148),
+    ("LayerParameter", "debug"): (NVCAFFE, 149),
+    ("LayerParameter", "cudnn_math_override"): (NVCAFFE, 150),
+    ("NetParameter", "eltwise_mem_sharing"): (NVCAFFE, 20),
+    ("BatchNormParameter", "scale_filler"): (NVCAFFE, 5),
+    ("BatchNormParameter", "bias_filler"): (NVCAFFE, 6),
+    ("BatchNormParameter", "scale_bias"): (NVCAFFE, 7),
+    ("BatchNormParameter", "engine"): (NVCAFFE, 15),
+    ("DataParameter", "threads"): (NVCAFFE, 11),
+    ("DataParameter", "parser_threads"): (NVCAFFE, 12),
+    ("DataParameter", "cache"): (NVCAFFE, 13),
+    ("DataParameter", "shuffle"): (NVCAFFE, 14),
+    ("DataParameter", "precache"): (NVCAFFE, 16),
+    ("ConvolutionParameter", "cudnn_convolution_algo_seeker"): (NVCAFFE, 19),
+    ("ConvolutionParameter", "conv_algos_override"): (NVCAFFE, 20),
 }
 
 # Messages that exist only because a fork defined them (every field of theirs is a fork field).
@@ -126,6 +140,15 @@ UNSUPPORTED_FORK_FIELDS: dict[str, str] = {
     "yolo_detection_output_param": "MobileNet-YOLO (eric612/MobileNet-YOLO)",
     # DeepLab v2's transform_param additions (8-10 there: SSD's resize_param/noise_param/emit_constraint)
     "scale_factors": DEEPLAB, "crop_height": DEEPLAB, "crop_width": DEEPLAB,
+    # NVCaffe's data augmentation (random resize, stretch, its own crop), loss, pooling and
+    # DetectNet fields: they change what is computed, and recaffe does not implement them
+    **{name: NVCAFFE for name in (
+        "img_rand_resize_lower", "img_rand_resize_upper", "rand_resize_ratio_lower", "rand_resize_ratio_upper",
+        "vertical_stretch_lower", "vertical_stretch_upper", "horizontal_stretch_lower",
+        "horizontal_stretch_upper", "interpolation_algo_down", "interpolation_algo_up", "allow_upscale",
+        "forward_packing", "use_gpu_transform", "crop_h", "crop_w", "short_side", "dataset_share_per_node",
+        "label_smoothing", "torch_pooling", "ignore_difficult_gt", "detectnet_groundtruth_param",
+        "detectnet_augmentation_param")},
 }
 
 # Binary re-reading: layer type -> (BVLC field a fork number landed in, our field for that number).

@@ -18,6 +18,15 @@ class BatchNormLayer(Layer):
     The three param blobs are Caffe's: the running sums of the mean and of the variance (C,), and
     their common scale factor (1,); the statistics are ``blob / blob2``. They are not learned:
     setup gives them ``lr_mult: 0`` as Caffe does, and backward leaves their diffs alone.
+
+    NVCaffe's BatchNorm (a layer with any of its fields: ``scale_bias``, ``scale_filler``,
+    ``bias_filler``, ``engine``) follows NVCaffe's rules instead: the statistics are moving
+    averages, ``blob = maf * blob + (1 - maf) * stat`` (copied outright at the layer's first two
+    forwards), of the mean and the biased variance, used as they are (blob2 stays 1); eps is at
+    least 1e-5; the statistics get ``lr_mult: 0 decay_mult: 0`` whatever the prototxt says; and with
+    ``scale_bias`` (or a filler) ``y = x_norm * scale + bias`` with two more blobs, learned with
+    ``lr_mult: 1 decay_mult: 1`` (NVCaffe forces these too). Its weights load either way: NVCaffe
+    stores blob2 = 1, so BVLC's ``blob / blob2`` reads them the same.
     """
 
     exact_num_bottom_blobs = 1
@@ -31,6 +40,11 @@ class BatchNormLayer(Layer):
         self.eps = p.eps
         self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]
         c = self.channels
+        self.nvcaffe = any(p.HasField(f) for f in ("scale_bias", "scale_filler", "bias_filler", "engine"))
+        self.scale_bias = p.scale_bias or p.HasField("scale_filler") or p.HasField("bias_filler")
+        if self.nvcaffe:
+            self._nvcaffe_setup(p, c)
+            return
         if not self.check_blobs([(c,), (c,), (1,)]):
             self.blobs = [self.new_blob((c,)), self.new_blob((c,)), self.new_blob((1,))]
         # The statistics are masked from the solver, as Caffe does: missing ParamSpecs are added
@@ -44,6 +58,25 @@ class BatchNormLayer(Layer):
                                  f"(param {i} has lr_mult {self.layer_param.param[i].lr_mult}; it "
                                  f"must be 0)")
         self.param_propagate_down = [False] * len(self.blobs)
+
+    def _nvcaffe_setup(self, p, c):
+        self.eps = max(p.eps, 1e-5)
+        self.forwards = 0  # NVCaffe's iter_: the first two forwards copy the batch statistics
+        shapes = [(c,), (c,), (1,)] + ([(c,), (c,)] if self.scale_bias else [])
+        if not self.check_blobs(shapes):
+            self.blobs = [self.new_blob(s) for s in shapes]
+            self.blobs[2].data_t.fill_(1)
+            if self.scale_bias:
+                if p.HasField("scale_filler"):
+                    fill(self.blobs[3], p.scale_filler)
+                else:
+                    self.blobs[3].data_t.fill_(1)
+                if p.HasField("bias_filler"):
+                    fill(self.blobs[4], p.bias_filler)
+        for i in range(len(shapes)):  # NVCaffe sets these whatever the prototxt says
+            spec = self.layer_param.param[i] if i < len(self.layer_param.param) else self.layer_param.param.add()
+            spec.lr_mult = spec.decay_mult = 0.0 if i < 3 else 1.0
+        self.param_propagate_down = [i >= 3 for i in range(len(shapes))]
 
     def reshape(self, bottom, top):
         b = bottom[0]
@@ -62,6 +95,9 @@ class BatchNormLayer(Layer):
         # (mixed precision: statistics and normalization in float32, the param type, whatever
         # the blobs' type; the top is stored back in it)
         x = self._stats_view(bottom[0].data_t.to(self.param_dtype))
+        if self.nvcaffe:
+            self._nvcaffe_forward(x, top)
+            return
         if self.use_global_stats:
             s = self.blobs[2].data_t[0]
             inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)  # a zero scale factor gives 0
@@ -85,10 +121,46 @@ class BatchNormLayer(Layer):
         self._x_norm = y.to(self.dtype)
         top[0].data_t = y.reshape(top[0].shape)
 
+    def _nvcaffe_forward(self, x, top):
+        if self.use_global_stats:
+            mean, var = self.blobs[0].data_t, self.blobs[1].data_t
+            xc = x - mean.reshape(1, -1, 1)
+        else:
+            mean = x.mean(dim=(0, 2))
+            xc = x - mean.reshape(1, -1, 1)
+            var = (xc * xc).mean(dim=(0, 2))
+            if self.forwards > 1:
+                self.blobs[0].data_t.mul_(self.maf).add_(mean, alpha=1 - self.maf)
+                self.blobs[1].data_t.mul_(self.maf).add_(var, alpha=1 - self.maf)
+            else:
+                self.blobs[0].data_t.copy_(mean)
+                self.blobs[1].data_t.copy_(var)
+            self.forwards += 1
+        std = torch.sqrt(var + self.eps).reshape(1, -1, 1)
+        y = xc / std
+        self._std = std
+        self._x_norm = y.to(self.dtype)
+        if self.scale_bias:
+            y = y * self.blobs[3].data_t.reshape(1, -1, 1) + self.blobs[4].data_t.reshape(1, -1, 1)
+        top[0].data_t = y.reshape(top[0].shape)
+
     def backward(self, top, propagate_down, bottom):
+        if self.nvcaffe and self.scale_bias:
+            dy = self._stats_view(top[0].diff_t.to(self.param_dtype))
+            y = self._x_norm.to(self.param_dtype)
+            if self.param_propagate_down[3]:
+                self.blobs[3].diff_t.add_((dy * y).sum(dim=(0, 2)))
+            if self.param_propagate_down[4]:
+                self.blobs[4].diff_t.add_(dy.sum(dim=(0, 2)))
+            if propagate_down[0]:
+                self._normalization_backward(dy * self.blobs[3].data_t.reshape(1, -1, 1), bottom)
+            return
         if not propagate_down[0]:
             return
-        dy = self._stats_view(top[0].diff_t.to(self.param_dtype))
+        self._normalization_backward(self._stats_view(top[0].diff_t.to(self.param_dtype)), bottom)
+
+    def _normalization_backward(self, dy, bottom):
+        """dE/dx from dE/d(x_norm) (N, C, spatial)."""
         if self.use_global_stats:
             dx = dy / self._std
         else:
