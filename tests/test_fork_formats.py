@@ -165,3 +165,14 @@ def test_deeplab_transform_fields_name_the_fork():
     text = 'layer { name: "d" type: "ImageSegData" transform_param { crop_height: 321 } }'
     with pytest.raises(ProtoFileError, match=r"train\.prototxt:1:.*crop_height.*DeepLab"):
         parse_text(text, caffe_pb2.NetParameter(), filename="train.prototxt")
+
+
+def test_nvcaffe_reader_and_cudnn_settings_are_logged_as_unused():
+    from helpers import capture_log, make_net
+    with capture_log() as lines:
+        make_net('eltwise_mem_sharing: true\nlayer { name: "d" type: "Input" top: "x" cudnn_math_override: 1 '
+                 'input_param { shape { dim: 1 dim: 1 dim: 3 dim: 3 } } }\n'
+                 'layer { name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { num_output: 1 '
+                 'kernel_size: 1 conv_algos_override: "1,1,1" } }')
+    assert any("NVCaffe's fields eltwise_mem_sharing, layer cudnn_math_override, layer conv_algos_override "
+               "are read but not used" in line for line in lines), lines

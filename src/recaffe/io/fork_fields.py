@@ -285,6 +285,9 @@ def weights_only_to_net(w) -> caffe_pb2.NetParameter:
 # scale, and the math types (float32 accumulation inside the low-precision kernels).
 _USED_NVCAFFE = {"default_forward_type", "default_backward_type", "default_forward_math",
                  "default_backward_math", "global_grad_scale", "global_grad_scale_adaptive"}
+# NVCaffe's per-layer settings that only tune its own machinery (readers, cuDNN): read, not used.
+_NVCAFFE_LAYER_KNOBS = {"LayerParameter": None, "DataParameter": "data_param",
+                        "ConvolutionParameter": "convolution_param"}
 
 
 def unimplemented_fields(msg) -> list[str]:
@@ -302,7 +305,13 @@ def unimplemented_fields(msg) -> list[str]:
         if msg.HasField(field):
             found.append(field)
     if name == "NetParameter":
+        knobs = [(m, f) for (m, f), (fork, _) in FORK_FIELDS.items() if fork == NVCAFFE and m in _NVCAFFE_LAYER_KNOBS
+                 and f not in ("forward_type", "backward_type", "forward_math", "backward_math")]
         for layer in msg.layer:
+            for m, f in knobs:
+                holder = layer if _NVCAFFE_LAYER_KNOBS[m] is None else getattr(layer, _NVCAFFE_LAYER_KNOBS[m])
+                if holder.HasField(f) and f"layer {f}" not in found:
+                    found.append(f"layer {f}")
             # (each layer's backward runs in its forward type)
             forward = layer.forward_type if layer.HasField("forward_type") else msg.default_forward_type
             if layer.HasField("backward_type") and layer.backward_type != forward \
