@@ -503,3 +503,13 @@ def test_exported_torch_module_runs_under_autocast(tmp_path):
     out = out[0] if isinstance(out, tuple) else out
     assert out.dtype == torch.bfloat16
     assert _rel_err(out.float().numpy(), ref) < 2 ** -5
+
+
+def test_caffe_time_runs_layers_through_their_conversions(tmp_path, monkeypatch, restore_precision):
+    from recaffe.cli.main import main
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "net.prototxt", NET)
+    with capture_log() as lines:
+        assert main(["time", "-model=net.prototxt", "-iterations=2", "-precision=bf16"]) == 0
+    assert any(ln.startswith("Average Forward-Backward: ") for ln in lines)
+    assert any(ln.strip().startswith("conv\tforward: ") for ln in lines)

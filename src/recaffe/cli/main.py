@@ -229,9 +229,9 @@ def time_(flags: dict) -> int:
     for j in range(iterations):
         iter_start = _time.perf_counter()
         t0 = _time.perf_counter()
-        for i, layer in enumerate(net.layers):
+        for i in range(n):
             s = _time.perf_counter()
-            layer.run_forward(net.bottom_vecs[i], net.top_vecs[i])
+            net.forward_layer(i)  # (with its precision conversions, as in a whole-net forward)
             sync()
             fwd[i] += _time.perf_counter() - s
         fwd_total += _time.perf_counter() - t0
@@ -239,7 +239,7 @@ def time_(flags: dict) -> int:
         for i in range(n - 1, -1, -1):
             s = _time.perf_counter()
             if net.layer_need_backward[i]:
-                net.layers[i].backward(net.top_vecs[i], net.bottom_need_backward[i], net.bottom_vecs[i])
+                net.backward_layer(i)
             sync()
             bwd[i] += _time.perf_counter() - s
         bwd_total += _time.perf_counter() - t0
