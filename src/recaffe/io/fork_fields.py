@@ -71,6 +71,17 @@ FORK_FIELDS: dict[tuple[str, str], tuple[str, int | None]] = {
     ("TransformationParameter", "emit_constraint"): (SSD, 10),
     ("TransformationParameter", "distort_param"): (SSD, 13),
     ("TransformationParameter", "expand_param"): (SSD, 14),
+    ("TransformationParameter", "img_rand_resize_lower"): (NVCAFFE, 10),
+    ("TransformationParameter", "img_rand_resize_upper"): (NVCAFFE, 11),
+    ("TransformationParameter", "rand_resize_ratio_lower"): (NVCAFFE, 12),
+    ("TransformationParameter", "rand_resize_ratio_upper"): (NVCAFFE, 13),
+    ("TransformationParameter", "vertical_stretch_lower"): (NVCAFFE, 14),
+    ("TransformationParameter", "vertical_stretch_upper"): (NVCAFFE, 15),
+    ("TransformationParameter", "horizontal_stretch_lower"): (NVCAFFE, 16),
+    ("TransformationParameter", "horizontal_stretch_upper"): (NVCAFFE, 17),
+    ("TransformationParameter", "interpolation_algo_down"): (NVCAFFE, 18),
+    ("TransformationParameter", "interpolation_algo_up"): (NVCAFFE, 19),
+    ("TransformationParameter", "allow_upscale"): (NVCAFFE, 20),
     ("ImageDataParameter", "ignore_label"): (DEEPLAB, 15),
     ("ImageDataParameter", "label_type"): (DEEPLAB, 16),
     ("DropoutParameter", "scale_train"): (FRCNN, 2),
@@ -140,12 +151,10 @@ UNSUPPORTED_FORK_FIELDS: dict[str, str] = {
     "yolo_detection_output_param": "MobileNet-YOLO (eric612/MobileNet-YOLO)",
     # DeepLab v2's transform_param additions (8-10 there: SSD's resize_param/noise_param/emit_constraint)
     "scale_factors": DEEPLAB, "crop_height": DEEPLAB, "crop_width": DEEPLAB,
-    # NVCaffe's data augmentation (random resize, stretch, its own crop), loss, pooling and
-    # DetectNet fields: they change what is computed, and recaffe does not implement them
+    # NVCaffe's other data-layer fields (its own crop, packing, GPU transform), loss, pooling and
+    # DetectNet fields: they change what is computed, and recaffe does not implement them (its
+    # random resize and stretch are implemented: data/transformer.py)
     **{name: NVCAFFE for name in (
-        "img_rand_resize_lower", "img_rand_resize_upper", "rand_resize_ratio_lower", "rand_resize_ratio_upper",
-        "vertical_stretch_lower", "vertical_stretch_upper", "horizontal_stretch_lower",
-        "horizontal_stretch_upper", "interpolation_algo_down", "interpolation_algo_up", "allow_upscale",
         "forward_packing", "use_gpu_transform", "crop_h", "crop_w", "short_side", "dataset_share_per_node",
         "label_smoothing", "torch_pooling", "ignore_difficult_gt", "detectnet_groundtruth_param",
         "detectnet_augmentation_param")},
