@@ -255,3 +255,10 @@ def test_data_layer_without_crop_size_is_a_layer_error(tmp_path):
             f'data_param {{ source: "{src}" batch_size: 1 backend: LMDB }}')
     with pytest.raises(LayerError, match="needs crop_size"):
         make_layer(text, [], num_tops=2, phase=TRAIN)
+
+
+def test_box_layers_refuse_the_random_resize():
+    t = DataTransformer(tparam("crop_size: 4 img_rand_resize_lower: 6 img_rand_resize_upper: 6"), TRAIN)
+    with pytest.raises(TransformError, match="not supported here"):
+        t.crop_mirror_normalize(np.zeros((1, 1, 8, 8), np.uint8), np.zeros(1, int), np.zeros(1, int),
+                                np.zeros(1, bool))

@@ -458,6 +458,10 @@ class DataTransformer:
                               flips: np.ndarray) -> np.ndarray:
         """:meth:`transform_arrays` with the crop offsets and flips chosen by the caller (layers that
         move boxes with the image, such as AnnotatedData)."""
+        if self.resize_enabled:
+            # NVCaffe's AnnotatedData skips its random resize; ignoring the fields silently would mislead
+            raise TransformError("NVCaffe's random resize (img_rand_resize_*, rand_resize_ratio_*, "
+                                 "*_stretch_*) is not supported here (NVCaffe's AnnotatedData ignores it)")
         return self._apply(x, h_off, w_off, flips)
 
     def _apply(self, x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray, flips: np.ndarray,
