@@ -2,13 +2,14 @@
 # recaffe on a CUDA machine: one run that says whether GPU mode works, and how fast it is.
 #
 #   pip install -e '.[test]'
-#   bash benchmarks/gpu_check.sh                 # on a machine with a CUDA GPU (sized for < 8 min on one H200; not yet run)
+#   bash benchmarks/gpu_check.sh                 # on a machine with a CUDA GPU (sized for about 8 min on one H200; not yet run)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # the same steps, small, on the CPU: checks this script
 #
 # Checks, in order (each with a time limit), then one summary table; the exit status is 1 when a
 # check failed, 2 when no CUDA device is present (without --cpu-dry-run), 0 otherwise:
 #   tests        RECAFFE_TEST_DEVICE=cuda pytest tests/layers tests/test_reference_cases.py
 #   lenet        caffe train -gpu 0 on examples/mnist (LeNet, 2000 iterations): test accuracy >= 0.97
+#   precision    caffe train -gpu 0 -precision bf16, then fp16 (LeNet, as above): test accuracy >= 0.97
 #   determinism  two caffe train -gpu 0 -deterministic runs: the final .caffemodel files are identical
 #   zoo          benchmarks/zoo_gpu_bench.py: zoo nets' forward, recaffe vs the plain torch module
 #                (and caffe time -compile vs eager when the installed caffe has -compile)
@@ -88,7 +89,7 @@ fi
 # ---------------------------------------------------------------------------------------- lenet
 mkdir -p "$WORK/mnist"
 convert_ok=1
-if wanted lenet || wanted determinism || wanted multi_gpu; then
+if wanted lenet || wanted precision || wanted determinism || wanted multi_gpu; then
 # The dry run trains on the 2,000 test digits (one conversion fewer); a GPU run on the 8,000 training digits.
 for part in "${MNIST_PARTS[@]}"; do
   run convert "$LIMIT_TRAIN" "$PY" -m recaffe.cli.main convert_mnist_data \
@@ -129,6 +130,35 @@ else
     record lenet PASS "$ELAPSED" "$LENET_ITERS iterations on $DEVICE, test accuracy $ACC (>= $LENET_MIN_ACCURACY)"
   else
     record lenet FAIL "$ELAPSED" "test accuracy $ACC < $LENET_MIN_ACCURACY"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------ precision
+if ! wanted precision; then
+  :
+elif [ "$convert_ok" = 0 ]; then
+  record precision FAIL 0 "no MNIST LMDB (convert_mnist_data failed)"
+else
+  prec_ok=1; prec_elapsed=0; prec_detail=""
+  for p in bf16 fp16; do
+    mkdir -p "$WORK/$p"
+    solver "$LENET_ITERS" "$WORK/$p/lenet" "$LENET_ITERS" >"$WORK/$p/solver.prototxt"
+    run "precision_$p" "$LIMIT_TRAIN" "$PY" -m recaffe.cli.main train -solver "$WORK/$p/solver.prototxt" \
+      "${GPU_FLAG[@]}" -precision "$p"
+    prec_elapsed=$((prec_elapsed + ELAPSED))
+    ACC=$(grep -o 'Test net output #[0-9]*: accuracy = [0-9.e+-]*' "$WORK/precision_$p.log" | tail -n 1 | awk '{print $NF}')
+    if [ "$RC" != 0 ] || [ -z "$ACC" ] || ! grep -q "Mixed precision: " "$WORK/precision_$p.log"; then
+      prec_ok=0; prec_detail="$prec_detail $p: exit $RC: $(last_line "$WORK/precision_$p.log");"
+    elif awk -v a="$ACC" -v m="$LENET_MIN_ACCURACY" 'BEGIN { exit !(a >= m) }'; then
+      prec_detail="$prec_detail $p $ACC;"
+    else
+      prec_ok=0; prec_detail="$prec_detail $p: accuracy $ACC < $LENET_MIN_ACCURACY;"
+    fi
+  done
+  if [ "$prec_ok" = 1 ]; then
+    record precision PASS "$prec_elapsed" "LeNet $LENET_ITERS iterations, test accuracy:$prec_detail"
+  else
+    record precision FAIL "$prec_elapsed" "$prec_detail"
   fi
 fi
 

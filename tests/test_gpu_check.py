@@ -31,8 +31,8 @@ def test_cpu_dry_run_runs_every_check_and_passes():
     r = _run("--cpu-dry-run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "CPU DRY RUN: plumbing only, says nothing about CUDA" in r.stdout
-    assert _table(r.stdout) == {"tests": "PASS", "lenet": "PASS", "determinism": "PASS", "zoo": "PASS",
-                                "multi_gpu": "SKIP"} or _table(r.stdout)["zoo"] == "SKIP", r.stdout
+    assert _table(r.stdout) == {"tests": "PASS", "lenet": "PASS", "precision": "PASS", "determinism": "PASS",
+                                "zoo": "PASS", "multi_gpu": "SKIP"} or _table(r.stdout)["zoo"] == "SKIP", r.stdout
     assert "caffemodels identical" in r.stdout
     assert "gpu_check: all checks passed" in r.stdout
 
