@@ -513,3 +513,66 @@ def test_caffe_time_runs_layers_through_their_conversions(tmp_path, monkeypatch,
         assert main(["time", "-model=net.prototxt", "-iterations=2", "-precision=bf16"]) == 0
     assert any(ln.startswith("Average Forward-Backward: ") for ln in lines)
     assert any(ln.strip().startswith("conv\tforward: ") for ln in lines)
+
+
+# ------------------------------------------------------------- every low-precision type, forward and backward
+_IN = 'layer {{ name: "in{i}" type: "Input" top: "b{i}" input_param {{ shape {{ {dims} }} }} }}\n'
+# type -> (bottom shapes, the layer's params); each runs in bf16 against float32 with the same weights
+LOW_TYPE_CASES = {
+    "DepthwiseConvolution": ([(2, 4, 6, 6)], 'convolution_param { num_output: 4 group: 4 kernel_size: 3 '
+                             'weight_filler { type: "gaussian" std: 0.5 } }'),
+    "ConvolutionDepthwise": ([(2, 4, 6, 6)], 'convolution_param { num_output: 4 kernel_size: 3 '
+                             'weight_filler { type: "gaussian" std: 0.5 } }'),
+    "ReLU6": ([(2, 3, 4)], ""), "AbsVal": ([(2, 3, 4)], ""), "BNLL": ([(2, 3, 4)], ""),
+    "Exp": ([(2, 3, 4)], ""), "Swish": ([(2, 3, 4)], ""), "Threshold": ([(2, 3, 4)], ""),
+    "Clip": ([(2, 3, 4)], "clip_param { min: -0.5 max: 0.5 }"),
+    "Log": ([(2, 3, 4)], "log_param { shift: 10 }"),
+    "Bias": ([(2, 3, 4)], 'bias_param { filler { type: "gaussian" std: 1 } }'),
+    "Crop": ([(2, 3, 6, 6), (2, 3, 4, 4)], "crop_param { axis: 2 offset: 1 }"),
+    "ShuffleChannel": ([(2, 6, 3, 3)], "shuffle_channel_param { group: 3 }"),
+    "Axpy": ([(2, 3, 1, 1), (2, 3, 4, 4), (2, 3, 4, 4)], ""),
+    "Tile": ([(2, 3, 2)], "tile_param { axis: 1 tiles: 3 }"),
+    "Reorg": ([(2, 4, 4, 4)], "reorg_param { stride: 2 }"),
+}
+
+
+def test_every_low_precision_type_is_covered_here_or_by_a_reference_case():
+    from test_reference_cases import LAYER_CASES
+    covered = set(LOW_TYPE_CASES) | {"Convolution", "Deconvolution", "InnerProduct", "Pooling", "ReLU", "PReLU",
+                                     "ELU", "Sigmoid", "TanH", "Power", "Concat", "Eltwise", "Scale", "Permute",
+                                     "Interp", "Upsample"}  # (the real Caffe's and the forks' layer cases)
+    assert set(precision.LOW_PRECISION_TYPES) <= covered, set(precision.LOW_PRECISION_TYPES) - covered
+    assert "conv_basic" in LAYER_CASES or LAYER_CASES == ["(missing)"]
+
+
+@pytest.mark.parametrize("type_name", sorted(LOW_TYPE_CASES))
+def test_low_precision_type_forward_and_backward(type_name):
+    shapes, params = LOW_TYPE_CASES[type_name]
+    backward = type_name != "Threshold"  # (Caffe's Threshold has no backward)
+    text = ("force_backward: true\n" if backward else "") + "".join(
+        _IN.format(i=i, dims=" ".join(f"dim: {d}" for d in s)) for i, s in enumerate(shapes))
+    text += (f'layer {{ name: "L" type: "{type_name}" ' + " ".join(f'bottom: "b{i}"' for i in range(len(shapes)))
+             + f' top: "t" {params} }}\n')
+    nets = {}
+    g = np.random.default_rng(1)
+    inputs = [g.standard_normal(s).astype("f4") for s in shapes]
+    for name in ("fp32", "bf16"):
+        caffe.set_random_seed(2)
+        net = make_net(text, precision=name)
+        if nets:
+            _copy_params(nets["fp32"], net)
+        for i, x in enumerate(inputs):
+            net.blobs[f"b{i}"].data[...] = x
+        net.forward()
+        net.blobs["t"].diff[...] = np.linspace(-1, 1, net.blobs["t"].count()).reshape(net.blobs["t"].shape)
+        net.clear_param_diffs()
+        if backward:
+            net.backward()
+        nets[name] = net
+    full, low = nets["fp32"], nets["bf16"]
+    assert low.layer_by_name("L").dtype == torch.bfloat16
+    assert _rel_err(low.blobs["t"].data, full.blobs["t"].data) < 2 ** -6
+    for i in range(len(shapes) if backward else 0):
+        assert _norm_err(low.blobs[f"b{i}"].diff, full.blobs[f"b{i}"].diff) < 2 ** -5, i
+    for a, b in zip(full.layer_by_name("L").blobs, low.layer_by_name("L").blobs):
+        assert b.diff.dtype == np.float32 and _norm_err(b.diff, a.diff) < 2 ** -5
