@@ -590,3 +590,48 @@ def test_encoded_16_bit_datum_keeps_the_high_byte_when_forced(flag):
     assert out.shape == ((3, 2, 2) if flag == "force_color" else (1, 2, 2))
     for channel in out:
         np.testing.assert_array_equal(channel, want)
+
+
+# ------------------------------------------------------------------ NVCaffe's cache + shuffle
+def _labels_of(batches):
+    return [b[1].astype(int).tolist() for b in batches]
+
+
+def test_nvcaffe_cache_and_shuffle_reshuffles_every_pass_after_the_first(tmp_path):
+    src = write_db(tmp_path / "db", images(5), range(5))
+    layer, bottom, top = data_layer(src, 5, extra="cache: true shuffle: true")
+    try:
+        passes = _labels_of(forward_batches(layer, bottom, top, 4))
+    finally:
+        layer.close()
+    assert passes[0] == [0, 1, 2, 3, 4]  # the first pass reads the database in order (and caches it)
+    for p in passes[1:]:
+        assert sorted(p) == [0, 1, 2, 3, 4]  # each later pass: every record once
+    assert len({tuple(p) for p in passes[1:]}) > 1  # in a new order each time
+    again, bottom, top = data_layer(src, 5, extra="cache: true shuffle: true")  # the same seed: the same orders
+    try:
+        assert _labels_of(forward_batches(again, bottom, top, 4)) == passes
+    finally:
+        again.close()
+
+
+def test_nvcaffe_shuffle_without_cache_reads_in_order(tmp_path):
+    src = write_db(tmp_path / "db", images(3), range(3))
+    layer, bottom, top = data_layer(src, 4, extra="shuffle: true")
+    try:
+        assert _labels_of(forward_batches(layer, bottom, top, 2)) == [[0, 1, 2, 0], [1, 2, 0, 1]]
+    finally:
+        layer.close()
+
+
+def test_nvcaffe_cache_with_rand_skip_still_holds_every_record(tmp_path):
+    src = write_db(tmp_path / "db", images(6), range(6))
+    layer, bottom, top = data_layer(src, 3, extra="cache: true shuffle: true rand_skip: 5", phase=TRAIN)
+    try:
+        first, second, third, fourth = _labels_of(forward_batches(layer, bottom, top, 4))
+    finally:
+        layer.close()
+    start = first[0]
+    assert start != 0  # (the skip is drawn; with this seed it is not 0, so the cache wraps around)
+    assert first + second == [(start + i) % 6 for i in range(6)]  # one pass in database order from the skip
+    assert sorted(third + fourth) == list(range(6))  # then every record, shuffled

@@ -315,7 +315,7 @@ def unimplemented_fields(msg) -> list[str]:
             found.append(field)
     if name == "NetParameter":
         knobs = [(m, f) for (m, f), (fork, _) in FORK_FIELDS.items() if fork == NVCAFFE and m in _NVCAFFE_LAYER_KNOBS
-                 and f not in ("forward_type", "backward_type", "forward_math", "backward_math")]
+                 and f not in ("forward_type", "backward_type", "forward_math", "backward_math", "cache", "shuffle")]
         for layer in msg.layer:
             for m, f in knobs:
                 holder = layer if _NVCAFFE_LAYER_KNOBS[m] is None else getattr(layer, _NVCAFFE_LAYER_KNOBS[m])

@@ -123,7 +123,8 @@ class _BatchReader:
     """Reads and transforms batches; runs in the prefetch thread and never references the layer."""
 
     def __init__(self, db, cursor, transformer: DataTransformer, batch_size: int, output_labels: bool,
-                 dtype: torch.dtype, pin: bool, where: str, rank: int = 0, world: int = 1):
+                 dtype: torch.dtype, pin: bool, where: str, rank: int = 0, world: int = 1,
+                 shuffle_gen: np.random.Generator | None = None):
         self.db = db
         self.cursor = cursor
         self.transformer = transformer
@@ -138,21 +139,49 @@ class _BatchReader:
         self.rank = rank
         self.world = world
         self.offset = 0
+        # NVCaffe's data_param { cache: true shuffle: true }: the first pass reads the database in
+        # order and keeps every record in memory; each later pass serves them from memory in a new
+        # random order (shuffle_gen's draws).
+        self.shuffle_gen = shuffle_gen
+        self._cache: list[bytes] | None = [] if shuffle_gen is not None else None
+        self._first_key: bytes | None = None
+        self._order: np.ndarray | None = None  # set once the cache is complete
+        self._pos = 0
 
     def advance(self) -> None:
         """Caffe's DataLayer::Next: step the cursor, wrapping around at the end."""
         self.offset += 1
+        if self._order is not None:
+            self._pos += 1
+            if self._pos == len(self._order):
+                self._reshuffle()
+            return
+        if self._cache is not None:
+            if self._first_key is None:
+                self._first_key = self.cursor.key()
+            self._cache.append(self.cursor.value())
         self.cursor.next()
         if not self.cursor.valid():
             log.info("Restarting data prefetching from start.")
             self.cursor.seek_to_first()
+        if self._cache is not None and self.cursor.key() == self._first_key:
+            self._reshuffle()  # every record is in memory now (rand_skip: the ones before it too)
+
+    def _reshuffle(self) -> None:
+        self._order = self.shuffle_gen.permutation(len(self._cache))
+        self._pos = 0
+
+    def _record(self) -> bytes:
+        return self._cache[self._order[self._pos]] if self._order is not None else self.cursor.value()
 
     def read_datum(self) -> caffe_pb2.Datum:
         datum = caffe_pb2.Datum()
         try:
-            datum.ParseFromString(self.cursor.value())
+            datum.ParseFromString(self._record())
         except DecodeError:
-            raise DBError(f"{self.where}: record {self.cursor.key()!r} is not a Datum") from None
+            where = f"cached record {self._order[self._pos]}" if self._order is not None \
+                else f"record {self.cursor.key()!r}"
+            raise DBError(f"{self.where}: {where} is not a Datum") from None
         return datum
 
     def next_record(self):
@@ -299,7 +328,16 @@ class DataLayer(PrefetchingDataLayer):
                           pin=self.device.type == "cuda", where=where, rank=rank, world=world, **extra)
 
     def layer_setup(self, bottom, top):
-        reader = self.make_reader(_BatchReader, len(top) > 1)
+        dp = self.layer_param.data_param
+        shuffle = None
+        if dp.shuffle and dp.cache:  # NVCaffe shuffles only what it caches
+            shuffle = rng.layer_generator(self.name, self.phase, 1)
+            log.info("Caching %s in memory and shuffling it at every pass after the first (NVCaffe's "
+                     "cache and shuffle)", dp.source)
+        elif dp.shuffle:
+            log.info("data_param.shuffle without cache: NVCaffe then reads in database order, and so "
+                     "does recaffe")
+        reader = self.make_reader(_BatchReader, len(top) > 1, shuffle_gen=shuffle)
         transformer = reader.transformer
         try:
             shape = transformer.infer_blob_shape(reader.read_datum())
