@@ -576,3 +576,11 @@ def test_low_precision_type_forward_and_backward(type_name):
         assert _norm_err(low.blobs[f"b{i}"].diff, full.blobs[f"b{i}"].diff) < 2 ** -5, i
     for a, b in zip(full.layer_by_name("L").blobs, low.layer_by_name("L").blobs):
         assert b.diff.dtype == np.float32 and _norm_err(b.diff, a.diff) < 2 ** -5
+
+
+def test_pycaffe_net_takes_a_precision(tmp_path):
+    path = write(tmp_path, "net.prototxt", NET)
+    net = caffe.Net(path, caffe.TEST, precision="bf16")
+    assert net.layer_dict["conv"].dtype == torch.bfloat16
+    assert net.params["conv"][0].data.dtype == np.float32
+    assert caffe.Net(path, caffe.TEST).layer_dict["conv"].dtype == torch.float32
