@@ -28,6 +28,7 @@ The rules (docs/precision.md has the why and the measured tolerances):
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -40,7 +41,6 @@ from .proto import caffe_pb2
 log = get_logger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 # Types that compute in the low type: their math is matmul/convolution, elementwise or a max, all of
 # which keep float32 accumulation inside the kernels (or need none).
@@ -80,7 +80,6 @@ def precision() -> str | None:
 
 
 def _from_env() -> str | None:
-    import os
     value = os.environ.get(PRECISION_ENV, "").strip()
     return check_name(value) if value else None
 
