@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from lenet_bench import TorchLeNet, recaffe_solver  # noqa: E402
+from lenet_bench import TorchLeNet, recaffe_solver, timed  # noqa: E402
 from recaffe.io.netfiles import read_net_text  # noqa: E402
 from recaffe.net import Net  # noqa: E402
 from recaffe.proto import caffe_pb2  # noqa: E402
@@ -144,15 +144,6 @@ def workload(name: str, variant: str, batch: int | None):
 
 
 # ------------------------------------------------------------------------------ measuring
-def timed(fn, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def settle(fn, net) -> float:
     """Run ``fn`` until every compiled segment has made its choice and the whole-pass check is done;
     the seconds spent compiling."""

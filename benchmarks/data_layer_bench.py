@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lenet_bench import TorchLeNet, recaffe_solver  # noqa: E402
+from lenet_bench import TorchLeNet, recaffe_solver, timed  # noqa: E402
 
 from recaffe.data.mnist import convert_mnist, read_images, read_labels  # noqa: E402
 from recaffe.io.protofiles import parse_text  # noqa: E402
@@ -78,15 +78,6 @@ def time_data_layer(solver):
     return spent
 
 
-def iterations(step, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200)
@@ -104,9 +95,9 @@ def main(argv=None) -> int:
         for name, prefetch in (("Data layer, prefetch 4", 4), ("Data layer, prefetch 0", 0)):
             solver = data_solver(db, args.backend, prefetch)
             spent = time_data_layer(solver)
-            iterations(lambda: solver.step(1), warm)
+            timed(lambda: solver.step(1), warm)
             del spent[:]
-            its = iterations(lambda: solver.step(1), args.iters)
+            its = timed(lambda: solver.step(1), args.iters)
             results[name] = (statistics.median(its), statistics.median(spent))
             solver.net.layers[0].close()
 
@@ -114,8 +105,8 @@ def main(argv=None) -> int:
     g = np.random.default_rng(0)
     solver.net.blobs["data"].data[...] = g.random((batch, 1, 28, 28), dtype=np.float32)
     solver.net.blobs["label"].data[...] = g.integers(0, 10, batch)
-    iterations(lambda: solver.step(1), warm)
-    results["Input layer (in memory)"] = (statistics.median(iterations(lambda: solver.step(1), args.iters)), 0.0)
+    timed(lambda: solver.step(1), warm)
+    results["Input layer (in memory)"] = (statistics.median(timed(lambda: solver.step(1), args.iters)), 0.0)
 
     images = torch.from_numpy(np.array(read_images(IMAGES)))
     labels = torch.from_numpy(read_labels(LABELS).astype(np.int64))
@@ -133,8 +124,8 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
         loss.item()
-    iterations(pt_step, warm)
-    pt = statistics.median(iterations(pt_step, args.iters))
+    timed(pt_step, warm)
+    pt = statistics.median(timed(pt_step, args.iters))
 
     print(f"LeNet training iteration, batch {batch}, {args.backend}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.iters} iterations (medians)")

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
 import statistics
-import subprocess
 import sys
 
 os.environ.setdefault("GLOG_minloglevel", "2")
@@ -29,7 +27,7 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from compile_bench import lenet, settle, timed, zoo  # noqa: E402
+from compile_bench import child_report, lenet, settle, status_kb, timed, zoo  # noqa: E402
 from recaffe import precision  # noqa: E402
 
 RECAFFE = ("fp32", "bf16", "fp16")
@@ -56,29 +54,16 @@ def workload(name: str, variant: str, batch: int | None):
 
 
 def peak_memory(name: str, variant: str, batch: int | None) -> float:
-    """Peak RSS (MiB) of a child process that builds and runs the variant alone."""
-    cmd = [sys.executable, __file__, "--child", name, variant, str(batch or 0)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("peak_kb ")]
-    return float(lines[-1].split()[1]) / 1024 if lines else float("nan")
-
-
-def peak_rss_kb() -> int:
-    """This process's peak RSS: VmHWM, which starts afresh at exec. (getrusage's ru_maxrss does
-    not: Linux carries it over from the parent through fork and exec, so a child started by a big
-    parent reports at least the parent's size.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak RSS (MiB, VmHWM) of a child process that builds and runs the variant alone."""
+    report = child_report([sys.executable, __file__, "--child", name, variant, str(batch or 0)])
+    return float(report["peak_kb"]) / 1024 if "peak_kb" in report else float("nan")
 
 
 def child(name: str, variant: str, batch: int) -> int:
     fn, net = workload(name, variant, batch or None)
     settle(fn, net)
     timed(fn, 3)
-    print("peak_kb", peak_rss_kb())
+    print("peak_kb", status_kb("VmHWM"))
     return 0
 
 

@@ -29,6 +29,8 @@ from recaffe.net import Net  # noqa: E402
 from recaffe.proto import caffe_pb2  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from lenet_bench import timed  # noqa: E402
 DEFAULT_MODEL = os.path.join(HERE, "..", "..", "shared", "reference", "forks", "models", "mobilenet_ssd.prototxt")
 
 
@@ -45,15 +47,6 @@ def random_weights(net) -> None:
                 blob.data[...] = g.standard_normal(blob.shape) * np.sqrt(2.0 / blob.count(1))
             else:
                 blob.data[...] = g.standard_normal(blob.shape) * 0.1
-
-
-def timed(fn, n):
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main(argv=None) -> int:
