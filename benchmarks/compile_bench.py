@@ -149,9 +149,7 @@ def settle(fn, net) -> float:
     the seconds spent compiling."""
     for _ in range(80):
         fn()
-        fp = net.fastpath if net is not None else None
-        if fp is None or (all(s["choice"] != "measuring" for s in fp.summary())
-                          and (fp.pass_check is None or fp.pass_check.state == "done")):
+        if net is None or net.fastpath is None or net.fastpath.settled:
             break
     return sum(s["compile_s"] for s in net.fastpath.summary()) if net is not None and net.fastpath else 0.0
 

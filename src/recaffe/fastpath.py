@@ -333,6 +333,12 @@ class FastPath:
         return self.forward_segments + self.backward_segments
 
     @property
+    def settled(self) -> bool:
+        """Every segment has chosen, and the whole-pass check (if any) is done."""
+        return all(s.choice != "measuring" for s in self.segments if s.capturable) and \
+            (self.pass_check is None or self.pass_check.state == "done")
+
+    @property
     def active(self) -> bool:
         """False once every segment has settled on eager code: the net then runs its plain loop."""
         check = self.pass_check

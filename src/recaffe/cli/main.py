@@ -249,6 +249,11 @@ def time_(flags: dict) -> int:
     for i, name in enumerate(net.layer_names):
         log.info("%10s\tforward: %g ms.", name, fwd[i] * 1e3 / iterations)
         log.info("%10s\tbackward: %g ms.", name, bwd[i] * 1e3 / iterations)
+    return _log_averages(fwd_total, bwd_total, total, iterations)
+
+
+def _log_averages(fwd_total: float, bwd_total: float, total: float, iterations: int) -> int:
+    """caffe time's closing lines (seconds in, milliseconds out, as Caffe prints them)."""
     log.info("Average Forward pass: %g ms.", fwd_total * 1e3 / iterations)
     log.info("Average Backward pass: %g ms.", bwd_total * 1e3 / iterations)
     log.info("Average Forward-Backward: %g ms.", total * 1e3 / iterations)
@@ -262,11 +267,12 @@ def _time_compiled(net, iterations: int, sync) -> int:
     per-layer times). The first iterations include the fast path's measuring and compiling; they
     are logged as such and left out of the averages."""
     warm = 0
-    while any(s["choice"] == "measuring" for s in net.fastpath.summary()) and warm < 50:
+    while not net.fastpath.settled and warm < 80:
         net.forward_loss()
         net.backward_from_to()
         warm += 1
-    log.info("Compiled fast path: %d warm-up iterations (measuring eager vs compiled, compiling); per-layer "
+    log.info("Compiled fast path: %d warm-up iterations (measuring eager vs compiled, compiling, checking "
+             "whole passes); per-layer "
              "times are not available with -compile", warm)
     for s in net.fastpath.summary():
         log.info("%10s %s: %s", s["direction"], ",".join(s["layers"][:1] + s["layers"][-1:]), s["choice"])
@@ -283,13 +289,7 @@ def _time_compiled(net, iterations: int, sync) -> int:
         fwd_total += t1 - t0
         bwd_total += t2 - t1
         log.info("Iteration: %d forward-backward time: %g ms.", j + 1, (t2 - t0) * 1e3)
-    total = _time.perf_counter() - total_start
-    log.info("Average Forward pass: %g ms.", fwd_total * 1e3 / iterations)
-    log.info("Average Backward pass: %g ms.", bwd_total * 1e3 / iterations)
-    log.info("Average Forward-Backward: %g ms.", total * 1e3 / iterations)
-    log.info("Total Time: %g ms.", total * 1e3)
-    log.info("*** Benchmark ends ***")
-    return 0
+    return _log_averages(fwd_total, bwd_total, _time.perf_counter() - total_start, iterations)
 
 
 def device_query(flags: dict) -> int:
