@@ -4,9 +4,13 @@ never needs is allocated, and what layers keep for backward is no bigger than Ca
 import weakref
 
 import numpy as np
+import pytest
 import torch
 
 from helpers import make_net
+from recaffe import layer as layer_mod
+from recaffe.blob import Blob
+from recaffe.gradient_check import make_layer
 from recaffe.proto import caffe_pb2
 
 NET = (
@@ -46,12 +50,12 @@ def test_a_layer_top_data_is_freed_before_the_layer_computes_the_new_one():
     net = _net()
     net.forward_loss()
     seen = {}
-    for layer, top in (("conv", "c"), ("pool", "p"), ("relu", "r"), ("fc", "y")):
+    for layer, top in (("conv", "c"), ("pool", "p"), ("fc", "y")):
         old = weakref.ref(net.blobs[top].data_t)
         _on_call(net.layer_dict[layer], "forward", lambda layer=layer, old=old: seen.setdefault(layer, old()))
     before = {b: net.blobs[b].data_t.clone() for b in ("c", "p", "r", "y")}
     net.forward_loss()
-    assert seen == {"conv": None, "pool": None, "relu": None, "fc": None}
+    assert seen == {"conv": None, "pool": None, "fc": None}
     for b, v in before.items():  # same input, same values
         assert torch.equal(net.blobs[b].data_t, v)
 
@@ -60,12 +64,12 @@ def test_a_bottom_diff_is_freed_before_the_layer_writes_the_new_one():
     net = _net()
     _fwd_bwd(net)
     seen = {}
-    for layer, bottom in (("fc", "r"), ("relu", "p"), ("pool", "c"), ("conv", "x")):
+    for layer, bottom in (("fc", "r"), ("pool", "c"), ("conv", "x")):
         old = weakref.ref(net.blobs[bottom].diff_t)
         _on_call(net.layer_dict[layer], "backward", lambda layer=layer, old=old: seen.setdefault(layer, old()))
     before = {b: net.blobs[b].diff_t.clone() for b in ("x", "c", "p", "r")}
     _fwd_bwd(net)
-    assert seen == {"fc": None, "relu": None, "pool": None, "conv": None}
+    assert seen == {"fc": None, "pool": None, "conv": None}
     for b, v in before.items():
         assert torch.equal(net.blobs[b].diff_t, v)
 
@@ -121,3 +125,109 @@ def test_max_pooling_backward_through_the_int32_mask_matches_torch():
         y.backward(torch.from_numpy(dy))
         np.testing.assert_array_equal(net.blobs["p"].data, y.detach().numpy())
         np.testing.assert_array_equal(net.blobs["x"].diff, xt.grad.numpy())
+
+
+# ---------------------------------------------------------------- writing into the blobs' memory
+def _ptrs(net, datas, diffs):
+    return ([net.blobs[b]._data.tensor.data_ptr() for b in datas]
+            + [net.blobs[b]._diff.tensor.data_ptr() for b in diffs])
+
+
+def test_relu_concat_and_split_write_into_last_passes_memory_with_fresh_values():
+    # r = relu(c) (not in place), c2 = relu(c2) in place, Concat of both, a Split (c feeds two)
+    net = make_net(
+        'force_backward: true\n'
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 5 dim: 5 } } }\n'
+        'layer { name: "conv" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 4 '
+        '  kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "c" top: "r" }\n'
+        'layer { name: "conv2" type: "Convolution" bottom: "c" top: "c2" convolution_param { num_output: 4 '
+        '  kernel_size: 1 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+        'layer { name: "relu2" type: "ReLU" bottom: "c2" top: "c2" relu_param { negative_slope: 0.1 } }\n'
+        'layer { name: "cat" type: "Concat" bottom: "r" bottom: "c2" top: "y" }\n', caffe_pb2.TEST)
+    # the small convolutions' tops are new tensors each pass; the rest is written in place
+    datas, diffs = ("r", "y"), ("r", "c2", "c")
+    rng = np.random.default_rng(0)
+    ptrs = None
+    for _ in range(3):
+        x = torch.from_numpy(rng.standard_normal((2, 3, 5, 5)))
+        dy = torch.from_numpy(rng.standard_normal((2, 8, 3, 3))).float()
+        net.blobs["x"].data_t = x.float()
+        net.forward_loss()
+        net.blobs["y"].diff_t = dy.clone()
+        net.backward_from_to()
+        if ptrs is None:
+            ptrs = _ptrs(net, datas, diffs)
+        assert _ptrs(net, datas, diffs) == ptrs  # the same memory every pass
+        # the values of this pass, by autograd
+        conv, conv2 = net.layer_dict["conv"], net.layer_dict["conv2"]
+        xg = x.float().requires_grad_(True)
+        c = torch.nn.functional.conv2d(xg, conv.blobs[0].data_t, conv.blobs[1].data_t)
+        c2 = torch.nn.functional.leaky_relu(
+            torch.nn.functional.conv2d(c, conv2.blobs[0].data_t, conv2.blobs[1].data_t), 0.1)
+        y = torch.cat([torch.relu(c), c2], 1)
+        y.backward(dy)
+        torch.testing.assert_close(net.blobs["y"].data_t, y.detach())
+        torch.testing.assert_close(net.blobs["x"].diff_t, xg.grad)
+
+
+def test_a_tensor_viewed_elsewhere_is_never_overwritten():
+    b = Blob((2, 3))
+    t = b.mutable_data_t()
+    assert b.data_writable and b.mutable_data_t() is t
+    other = Blob((6,))
+    other.data_t = t.view(6)  # another blob's (as an alias layer's top)
+    assert not b.data_writable
+    assert b.mutable_data_t() is not t  # a new tensor instead: the view keeps its values
+    del other
+    held = b.data  # Python's arrays over the memory: results belong there (pycaffe)
+    assert b.data_writable and b.mutable_data_t().data_ptr() == held.ctypes.data
+
+
+def test_in_place_relu_on_a_shared_blob_leaves_the_sharer_alone():
+    # Split tops share the bottom's data; an in-place ReLU on one of them must not change the other
+    net = make_net(
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 4 } } }\n'
+        'layer { name: "split" type: "Split" bottom: "x" top: "a" top: "b" }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }\n', caffe_pb2.TEST)
+    net.blobs["x"].data_t = torch.tensor([-1.0, 2.0, -3.0, 4.0])
+    net.forward_loss()
+    assert net.blobs["a"].data_t.tolist() == [0, 2, 0, 4]
+    assert net.blobs["b"].data_t.tolist() == [-1, 2, -3, 4]
+
+
+@pytest.mark.parametrize("layer", [
+    'type: "Convolution" convolution_param { num_output: 5 kernel_size: 3 pad: 1 stride: 2 '
+    '  weight_filler { type: "gaussian" std: 0.3 } bias_filler { type: "constant" value: 0.2 } }',
+    'type: "Deconvolution" convolution_param { num_output: 4 kernel_size: 3 stride: 2 group: 2 '
+    '  weight_filler { type: "gaussian" std: 0.3 } }',
+    'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
+    'type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }',
+    'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }',
+    'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }',
+])
+def test_batch_chunks_give_the_whole_batchs_values_in_reused_memory(monkeypatch, layer):
+    x = np.random.default_rng(3).permutation(5 * 6 * 7 * 7).reshape(5, 6, 7, 7) * 0.01
+    dy = None
+    results = []
+    for chunked in (False, True):  # one call; two items (float64, 6x7x7 inputs) a call
+        if chunked:
+            monkeypatch.setattr(layer_mod, "CHUNK_BYTES", 2 * 6 * 7 * 7 * 8)
+        lay, bottom, top = make_layer(layer, [x])
+        assert (lay._chunks is not None) == chunked
+        if dy is None:
+            dy = np.random.default_rng(4).standard_normal(top[0].shape)
+        ptrs = []
+        for _ in range(2):
+            lay.run_forward(bottom, top)
+            top[0].diff_t = torch.from_numpy(dy).clone()
+            for p in lay.blobs:
+                p.diff_t.zero_()
+            lay.backward(top, [True], bottom)
+            ptrs.append((top[0].data_t.data_ptr(), bottom[0].diff_t.data_ptr()))
+        if lay._chunks is not None:
+            assert len(lay._chunks) >= 3 and ptrs[0] == ptrs[1]
+        results.append([top[0].data_t.clone(), bottom[0].diff_t.clone()]
+                       + [p.diff_t.clone() for p in lay.blobs])
+    for whole, chunked in zip(*results):
+        torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)

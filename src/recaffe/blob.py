@@ -241,6 +241,45 @@ class Blob:
     def diff(self, value) -> None:
         self.diff[...] = value
 
+    def _writable(self, s: _Synced) -> bool:
+        """Whether a layer may overwrite ``s``'s tensor in place: the blob's own contiguous
+        memory, which Python's arrays view (results belong there) or nothing else references
+        (no other blob's, no view's, no tensor a layer kept). Never while torch.compile traces."""
+        t = s.tensor
+        if t is None or s.shared_from is not None or not t.is_contiguous() or torch.compiler.is_compiling():
+            return False
+        if self._direct and s.live is not None:
+            return True
+        # 2: the tensor and the storage object asked; any other tensor over it adds one
+        return s.host is None and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+
+    def _mutable(self, s: _Synced) -> torch.Tensor:
+        if self._writable(s):
+            return s.tensor
+        t = torch.empty(self._shape, dtype=self.dtype, device=self.device)
+        self._set(s, t)
+        return s.tensor
+
+    @property
+    def data_writable(self) -> bool:
+        """Whether the data tensor may be overwritten in place (see _writable)."""
+        return self._writable(self._data)
+
+    @property
+    def diff_writable(self) -> bool:
+        return self._writable(self._diff)
+
+    def mutable_data_t(self) -> torch.Tensor:
+        """Memory to write the blob's whole new data into, as Caffe's mutable_cpu_data: the
+        current tensor when it may be overwritten (its old values are then still there), else a
+        new one, which becomes the blob's. Layers that write with ``out=`` reuse one buffer
+        across iterations this way, as Caffe does, instead of allocating a result each time."""
+        return self._mutable(self._data)
+
+    def mutable_diff_t(self) -> torch.Tensor:
+        """As mutable_data_t, for the diff."""
+        return self._mutable(self._diff)
+
     def release_data(self) -> None:
         """Let go of the data tensor, which a layer is about to replace (Net frees memory early
         this way): kept while Python holds arrays over it or it is another blob's (shared)."""

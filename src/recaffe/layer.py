@@ -89,7 +89,8 @@ class Layer:
     # without reading the top's previous data; backward likewise gives each bottom it propagates
     # to a new diff. The net then lets go of the old tensor before calling the layer, so the old
     # and the new never coexist (Blob.release_data: a blob whose arrays Python holds keeps its
-    # memory). Values are never affected.
+    # memory). Values are never affected. A layer that writes into its blobs' own memory instead
+    # (Blob.mutable_data_t, batch_chunks) sets these false, per instance, to keep it.
     replaces_tops = False
     replaces_bottom_diffs = False
 
@@ -232,6 +233,24 @@ class Layer:
             if b.shape != tuple(s):
                 raise self.error(f"param blob {i} has shape {b.shape}, expected {tuple(s)}")
         return True
+
+
+# A layer whose output for the whole batch would be larger than this runs a few items at a time
+# into the blob's own memory, as Caffe runs image by image: the kernels' scratch (a blocked copy
+# of a convolution's output, pooling's int64 indices) then stays small, and one buffer per blob is
+# reused across iterations instead of a new one allocated and paged in each time (measured in
+# benchmarks/memory_bench.py: peak memory; a large convolution's forward also runs faster).
+CHUNK_BYTES = 4 << 20
+
+
+def batch_chunks(num: int, item_bytes: int, device: torch.device) -> list[slice] | None:
+    """Slices of a batch of ``num`` items whose outputs take ``item_bytes`` each, at most
+    CHUNK_BYTES per slice (at least one item); None where one call does: the output is small,
+    or the device is not the CPU (a GPU's kernels want the whole batch; unmeasured there)."""
+    if device.type != "cpu" or num < 2 or num * item_bytes <= CHUNK_BYTES:
+        return None
+    step = max(1, CHUNK_BYTES // max(item_bytes, 1))
+    return [slice(i, min(i + step, num)) for i in range(0, num, step)]
 
 
 def canonical_axis(axis: int, num_axes: int, layer: Layer) -> int:

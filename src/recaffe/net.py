@@ -373,17 +373,17 @@ class Net:
                 layer.param_propagate_down = [True] * len(layer.blobs)
 
     def _plan_releases(self) -> None:
-        """Which blobs each layer replaces, so that their old tensors go before the new ones are
-        computed (Layer.replaces_tops, replaces_bottom_diffs): per layer, the tops that are not
-        also bottoms; the bottoms backward propagates to that are not also tops."""
+        """Which blobs each layer may replace, so that their old tensors go before the new ones
+        are computed: per layer, the tops that are not also bottoms; the bottoms backward
+        propagates to that are not also tops. Whether the layer does replace them is asked at
+        each run (Layer.replaces_tops, replaces_bottom_diffs: a layer that writes into the
+        blobs' own memory, as a large Convolution does, keeps them)."""
         self._forward_releases = [
-            [t for t in tops if not any(t is b for b in bottoms)] if layer.replaces_tops else []
-            for layer, bottoms, tops in zip(self.layers, self.bottom_vecs, self.top_vecs)]
+            [t for t in tops if not any(t is b for b in bottoms)]
+            for bottoms, tops in zip(self.bottom_vecs, self.top_vecs)]
         self._backward_releases = [
             [b for b, down in zip(bottoms, prop) if down and not any(b is t for t in tops)]
-            if layer.replaces_bottom_diffs else []
-            for layer, bottoms, tops, prop in zip(self.layers, self.bottom_vecs, self.top_vecs,
-                                                  self.bottom_need_backward)]
+            for bottoms, tops, prop in zip(self.bottom_vecs, self.top_vecs, self.bottom_need_backward)]
 
     # ------------------------------------------------------------ running
     def set_compile(self, mode: bool | str = True) -> None:
@@ -412,8 +412,9 @@ class Net:
         for i in range(start, end + 1):
             for run in before:
                 run(i)
-            for blob in releases[i]:
-                blob.release_data()
+            if layers[i].replaces_tops:
+                for blob in releases[i]:
+                    blob.release_data()
             if casts[i] is None:
                 loss += layers[i].run_forward(bottoms[i], tops[i])
             else:
@@ -468,8 +469,9 @@ class Net:
             for run in before:
                 run(i)
             if need[i]:
-                for blob in releases[i]:
-                    blob.release_diff()
+                if layers[i].replaces_bottom_diffs:
+                    for blob in releases[i]:
+                        blob.release_diff()
                 if direct and casts[i] is None:
                     layers[i].backward(tops[i], prop[i], bottoms[i])
                 else:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from recaffe import layer as layer_mod
 from recaffe.gradient_check import check_gradient, forward_layer, make_layer
 from recaffe.layer import LayerError
 from recaffe.proto import caffe_pb2
@@ -400,6 +401,24 @@ def test_global_pooling():
 ])
 def test_pooling_gradient(params):
     check_gradient(f'type: "Pooling" pooling_param {{ {params} }}', [distinct(2, 2, 6, 5)])
+
+
+@pytest.mark.parametrize("text, shape", [
+    (CONV.format("num_output: 3 kernel_size: 3 stride: 2 pad: 1 group: 1"), (3, 2, 5, 4)),
+    (CONV.format("num_output: 2 kernel_size: 2 pad: 1"), (3, 2, 3, 3, 3)),
+    (DECONV.format("num_output: 2 kernel_size: 3 stride: 2"), (3, 2, 3, 3)),
+    ('type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }', (3, 2, 6, 5)),
+    ('type: "Pooling" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }', (3, 2, 6, 5)),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }', (3, 4, 3, 3)),
+    ('type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }',
+     (3, 2, 4, 4)),
+])
+def test_gradient_in_batch_chunks(monkeypatch, text, shape):
+    # large batches run a few items a call into the blobs' own memory (layer.batch_chunks):
+    # forced here with a tiny chunk size, one item a call
+    monkeypatch.setattr(layer_mod, "CHUNK_BYTES", 1)
+    layer = check_gradient(text, [distinct(*shape)])
+    assert layer._chunks is not None and len(layer._chunks) == shape[0]
 
 
 def test_stochastic_pooling_train_samples_by_value():

@@ -79,7 +79,6 @@ class SplitLayer(Layer):
 
     exact_num_bottom_blobs = 1
     min_top_blobs = 1
-    replaces_bottom_diffs = True
 
     def reshape(self, bottom, top):
         for t in top:
@@ -96,10 +95,17 @@ class SplitLayer(Layer):
         if len(top) == 1:
             bottom[0].diff_t = top[0].diff_t
             return
-        total = top[0].diff_t + top[1].diff_t
+        if any(t is bottom[0] for t in top):
+            total = top[0].diff_t + top[1].diff_t
+            for t in top[2:]:
+                total += t.diff_t
+            bottom[0].diff_t = total
+            return
+        # the sum goes into the bottom diff's own memory (reused across passes)
+        total = bottom[0].mutable_diff_t()
+        torch.add(top[0].diff_t, top[1].diff_t, out=total)
         for t in top[2:]:
             total += t.diff_t
-        bottom[0].diff_t = total
 
 
 # ---------------------------------------------------------------------------- shape helpers
@@ -113,7 +119,8 @@ class ConcatLayer(Layer):
 
     min_bottom_blobs = 1
     exact_num_top_blobs = 1
-    replaces_tops = replaces_bottom_diffs = True
+    # it writes into its top's and its bottoms' diffs' own memory (Blob.mutable_data_t), reused
+    # across passes as in Caffe
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.concat_param
@@ -148,7 +155,11 @@ class ConcatLayer(Layer):
         if len(bottom) == 1:
             top[0].share_data(bottom[0])  # Caffe shares the single bottom's data
             return
-        top[0].data_t = torch.cat([b.data_t for b in bottom], dim=self.axis)
+        xs = [b.data_t for b in bottom]
+        if any(b is top[0] for b in bottom):
+            top[0].data_t = torch.cat(xs, dim=self.axis)
+        else:
+            torch.cat(xs, dim=self.axis, out=top[0].mutable_data_t())
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff_t
@@ -158,7 +169,10 @@ class ConcatLayer(Layer):
             return
         for b, g, down in zip(bottom, torch.split(dy, self.sizes, dim=self.axis), propagate_down):
             if down:
-                b.diff_t = g.contiguous()
+                if b is top[0]:
+                    b.diff_t = g.contiguous()
+                else:
+                    b.mutable_diff_t().copy_(g)
 
 
 class _AliasLayer(Layer):

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import rng
 from ..fillers import fill
@@ -45,19 +46,31 @@ class NeuronLayer(Layer):
 
 @register("ReLU")
 class ReLULayer(NeuronLayer):
-    """max(0, x) + negative_slope * min(0, x); the gradient at x == 0 is negative_slope, as Caffe."""
+    """max(0, x) + negative_slope * min(0, x); the gradient at x == 0 is negative_slope, as Caffe.
 
-    replaces_tops = replaces_bottom_diffs = True
+    It writes into the blobs' own memory where it may (Blob.mutable_data_t): in place, as
+    Caffe's ReLU, over the bottom's data and the top's diff; otherwise into last pass's top data
+    and bottom diff. So a ReLU allocates nothing after the first pass."""
 
     def layer_setup(self, bottom, top):
         self.negative_slope = self.layer_param.relu_param.negative_slope
 
     def forward(self, bottom, top):
         x = bottom[0].data_t
-        if self.negative_slope == 0:
-            top[0].data_t = torch.relu(x)
+        slope = self.negative_slope
+        if top[0] is bottom[0]:
+            if not bottom[0].data_writable:  # another tensor views it: a new one
+                top[0].data_t = torch.relu(x) if slope == 0 else F.leaky_relu(x, slope)
+            elif slope == 0:
+                torch.relu_(x)
+            else:
+                F.leaky_relu_(x, slope)
+            return
+        y = top[0].mutable_data_t()
+        if slope == 0:
+            torch.clamp_min(x, 0, out=y)
         else:
-            top[0].data_t = torch.nn.functional.leaky_relu(x, self.negative_slope)
+            torch.ops.aten.leaky_relu.out(x, slope, out=y)
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -66,10 +79,20 @@ class ReLULayer(NeuronLayer):
         # (with a negative slope Caffe reads the overwritten data too; we do the same).
         x = bottom[0].data_t
         dy = top[0].diff_t
-        if self.negative_slope == 0:
-            bottom[0].diff_t = torch.ops.aten.threshold_backward(dy, x, 0)
+        if top[0] is bottom[0] and not bottom[0].diff_writable:
+            dx = None
         else:
+            dx = dy if top[0] is bottom[0] else bottom[0].mutable_diff_t()
+        if self.negative_slope == 0:
+            if dx is None:
+                bottom[0].diff_t = torch.ops.aten.threshold_backward(dy, x, 0)
+            else:
+                torch.ops.aten.threshold_backward.grad_input(dy, x, 0, grad_input=dx)
+        elif dx is None:
             bottom[0].diff_t = torch.ops.aten.leaky_relu_backward(dy, x, self.negative_slope, False)
+        else:
+            torch.ops.aten.leaky_relu_backward.grad_input(dy, x, self.negative_slope, False,
+                                                          grad_input=dx)
 
 
 @register("Sigmoid")

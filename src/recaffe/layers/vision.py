@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import blob as _blob
 from .. import rng
 from ..blob import Blob
-from ..layer import Layer, LayerError, canonical_axis, register
+from ..layer import Layer, LayerError, batch_chunks, canonical_axis, register
 from ..proto import caffe_pb2
 
 FLT_MAX = 3.4028234663852886e38   # Caffe's -FLT_MAX marks a max-pooling window with no pixel
@@ -138,6 +138,7 @@ class _BaseConvolution(Layer):
     replaces_tops = replaces_bottom_diffs = True
     # 2-D Convolution in channels-last layout (set by the compiled fast path where it measures faster)
     channels_last = False
+    _chunks: list[slice] | None = None
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.convolution_param
@@ -207,35 +208,61 @@ class _BaseConvolution(Layer):
                 # the "conv" direction runs from the bigger (deconv: top) to the smaller grid
                 big, small = (sp_out, sp_in) if self.reverse else (sp_in, sp_out)
                 self._cols = _Columns(big, self._k, self._s, self._p, self._d, small, self.device)
+            item = max(_prod(self._x_shape[1:]), _prod(self._y_shape[1:])) * self.dtype.itemsize
+            self._chunks = batch_chunks(num, item, self.device) if self._torch else None
+            # in chunks it writes into the top's (and the bottom diff's) own memory: keep it
+            self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
         for t in top:
             t.reshape(self._top_shape)
 
     def _weight(self) -> torch.Tensor:
         return self.param_t(0).reshape(self._w_shape)
 
+    def _batch_chunks(self) -> list[slice] | None:
+        """The batch slices this pass runs in (see layer.batch_chunks), None for one call (also
+        in channels-last layout and while torch.compile traces: the fast path's own choices)."""
+        if self._chunks is None or self.channels_last or torch.compiler.is_compiling():
+            return None
+        return self._chunks
+
     def forward(self, bottom, top):
         w = self._weight()
         b = self.param_t(1) if self.bias_term else None
+        chunks = self._batch_chunks()
         for bt, tp in zip(bottom, top):
-            y = self._forward(bt.data_t.reshape(self._x_shape), w, b)
-            tp.data_t = y.reshape(self._top_shape)
+            x = bt.data_t.reshape(self._x_shape)
+            if chunks is None:
+                tp.data_t = self._forward(x, w, b).reshape(self._top_shape)
+                continue
+            y = tp.mutable_data_t().view(self._y_shape)
+            for s in chunks:
+                y[s] = self._forward(x[s], w, b)
 
     def backward(self, top, propagate_down, bottom):
         w = self._weight()
         need_w = self.param_propagate_down[0]
         need_b = self.bias_term and self.param_propagate_down[1]
+        mask = [False, need_w, need_b]
+        chunks = self._batch_chunks() or [slice(None)]
         for tp, down, bt in zip(top, propagate_down, bottom):
             if not (down or need_w or need_b):
                 continue
             dy = tp.diff_t.reshape(self._y_shape)
             x = bt.data_t.reshape(self._x_shape)
-            gx, gw, gb = self._backward(dy, x, w, [down, need_w, need_b])
-            if need_w:
-                self.blobs[0].diff_t.add_(gw.reshape(self.blobs[0].shape))
-            if need_b:
-                self.blobs[1].diff_t.add_(gb)
-            if down:
-                bt.diff_t = gx.reshape(bt.shape)
+            mask[0] = down
+            whole = len(chunks) == 1
+            dx = None if (whole or not down) else bt.mutable_diff_t().view(self._x_shape)
+            for s in chunks:
+                gx, gw, gb = self._backward(dy[s], x[s], w, mask)
+                if need_w:
+                    self.blobs[0].diff_t.add_(gw.reshape(self.blobs[0].shape))
+                if need_b:
+                    self.blobs[1].diff_t.add_(gb)
+                if down:
+                    if whole:
+                        bt.diff_t = gx.reshape(bt.shape)
+                    else:
+                        dx[s] = gx
 
     # ---- the generic path for more than 3 spatial axes: grouped matmuls over columns
     def _grouped_weight(self, w):
@@ -533,6 +560,7 @@ class PoolingLayer(Layer):
             raise self.error(f"unknown rounding mode {self.round_mode}")
         self._geom = None
         self._idx = None
+        self._chunks = None
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -555,11 +583,20 @@ class PoolingLayer(Layer):
         top_shape = shape[:2] + self._geom.out
         for t in top:
             t.reshape(top_shape)
+        # torch's MAX and AVE kernels, one top: large batches run in slices into the blobs' own
+        # memory (layer.batch_chunks; the input's size bounds the kernels' scratch here)
+        simple = g.fast and self.pool != _PoolMethod.STOCHASTIC and len(top) == 1
+        self._chunks = (batch_chunks(shape[0], _prod(shape[1:]) * self.dtype.itemsize, self.device)
+                        if simple else None)
+        self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
 
     # ---------------------------------------------------------------- forward
     def forward(self, bottom, top):
         x = bottom[0].data_t
         g = self._geom
+        if self._chunks is not None and not torch.compiler.is_compiling():
+            self._forward_chunks(x, top[0].mutable_data_t(), g)
+            return
         self._idx = self._test_total = None  # the last forward's, not kept beside the new ones
         if self.pool == _PoolMethod.MAX:
             y, idx = self._max_forward(x, g)
@@ -576,6 +613,27 @@ class PoolingLayer(Layer):
         else:
             y = self._stochastic_test(x, g)
         top[0].data_t = y
+
+    def _forward_chunks(self, x, y, g):
+        if self.pool == _PoolMethod.AVE:
+            for s in self._chunks:
+                y[s] = F.avg_pool2d(x[s], self.kernel, self.stride, self.pad, g.ceil, True)
+            return
+        if self._idx is None or self._idx.shape != y.shape:
+            self._idx = torch.empty(y.shape, dtype=torch.int32, device=y.device)
+        for s in self._chunks:
+            y[s], self._idx[s] = self._max_forward(x[s], g)
+
+    def _backward_chunks(self, dy, x, dx, g):
+        for s in self._chunks:
+            if self.pool == _PoolMethod.MAX:
+                torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+                    dy[s], x[s], self.kernel, self.stride, self.pad, [1, 1], g.ceil,
+                    self._idx[s].long(), grad_input=dx[s])
+            else:
+                torch.ops.aten.avg_pool2d_backward.grad_input(
+                    dy[s], x[s], self.kernel, self.stride, self.pad, g.ceil, True, None,
+                    grad_input=dx[s])
 
     def _sum_pool(self, xp):
         return F.avg_pool2d(xp, self.kernel, self.stride, 0, False, True, 1)
@@ -643,6 +701,9 @@ class PoolingLayer(Layer):
         dy = top[0].diff_t
         x = bottom[0].data_t
         g = self._geom
+        if self._chunks is not None and not torch.compiler.is_compiling():
+            self._backward_chunks(dy, x, bottom[0].mutable_diff_t(), g)
+            return
         if self.pool == _PoolMethod.MAX:
             if len(top) > 1:
                 # Caffe routes the gradient through the mask top's values
@@ -708,6 +769,8 @@ class LRNLayer(Layer):
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
     replaces_tops = replaces_bottom_diffs = True
+    _chunks: list[slice] | None = None
+    _scale: torch.Tensor | None = None
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.lrn_param
@@ -732,6 +795,11 @@ class LRNLayer(Layer):
             raise self.error(f"local_size {self.size} over {c} channels: the padded squares would hold "
                              f"{n * (c + self.size - 1) * h * w} values, over INT_MAX")
         top[0].reshape_like(bottom[0])
+        # large batches run in slices into the blobs' own memory and a kept scale buffer
+        # (layer.batch_chunks): the temporaries are the window sums of a slice
+        self._chunks = (batch_chunks(n, c * h * w * self.dtype.itemsize, self.device)
+                        if top[0] is not bottom[0] else None)
+        self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
 
     def _window_mean(self, v):
         """Mean over the window (zero padded): channels for ACROSS, h x w for WITHIN."""
@@ -742,27 +810,44 @@ class LRNLayer(Layer):
             return m.view(n, c, h, w)
         return F.avg_pool2d(v, self.size, 1, self.pre_pad, False, True)
 
+    def _scale_of(self, x):
+        k = self.k if self.region == _Norm.ACROSS_CHANNELS else 1.0
+        return self._window_mean(x * x).mul_(self.alpha).add_(k)
+
+    def _bottom_diff(self, dy, x, y, scale):
+        # y = x s^-beta with s = c + alpha * mean(x^2): dy/dx = s^-beta - 2 alpha beta x mean'(dy y / s)
+        # (the window mean is its own adjoint: symmetric window, constant divisor)
+        acc = self._window_mean(dy * y / scale)
+        return dy * scale.pow(-self.beta) - (2 * self.alpha * self.beta) * x * acc
+
     def forward(self, bottom, top):
         x = bottom[0].data_t
-        self._scale = None  # the last forward's, not kept beside the new one
-        if self.region == _Norm.ACROSS_CHANNELS:
-            scale = self._window_mean(x * x).mul_(self.alpha).add_(self.k)
-        else:
-            scale = self._window_mean(x * x).mul_(self.alpha).add_(1.0)
-        self._scale = scale  # backward reads bottom and top data too: not in place, as in Caffe
-        top[0].data_t = x * scale.pow(-self.beta)
+        chunks = None if torch.compiler.is_compiling() else self._chunks
+        if chunks is None:
+            self._scale = None  # the last forward's, not kept beside the new one
+            scale = self._scale_of(x)
+            self._scale = scale  # backward reads bottom and top data too: not in place, as in Caffe
+            top[0].data_t = x * scale.pow(-self.beta)
+            return
+        y = top[0].mutable_data_t()
+        if self._scale is None or self._scale.shape != x.shape:
+            self._scale = torch.empty_like(x)
+        for s in chunks:
+            scale = self._scale[s]
+            scale.copy_(self._scale_of(x[s]))
+            torch.mul(x[s], scale.pow(-self.beta), out=y[s])
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        dy = top[0].diff_t
-        x = bottom[0].data_t
-        y = top[0].data_t
-        scale = self._scale
-        # y = x s^-beta with s = c + alpha * mean(x^2): dy/dx = s^-beta - 2 alpha beta x mean'(dy y / s)
-        # (the window mean is its own adjoint: symmetric window, constant divisor)
-        acc = self._window_mean(dy * y / scale)
-        bottom[0].diff_t = dy * scale.pow(-self.beta) - (2 * self.alpha * self.beta) * x * acc
+        dy, x, y, scale = top[0].diff_t, bottom[0].data_t, top[0].data_t, self._scale
+        chunks = None if torch.compiler.is_compiling() else self._chunks
+        if chunks is None:
+            bottom[0].diff_t = self._bottom_diff(dy, x, y, scale)
+            return
+        dx = bottom[0].mutable_diff_t()
+        for s in chunks:
+            dx[s] = self._bottom_diff(dy[s], x[s], y[s], scale[s])
 
 
 # --------------------------------------------------------------------------------- SPP
