@@ -75,10 +75,9 @@ def lenet(variant: str, batch: int):
     return (lambda: solver.step(1)), solver.net
 
 
-def zoo_net(name: str, batch: int) -> Net:
-    """A zoo deploy net at batch ``batch``, with force_backward (every blob gets a diff)."""
+def net_param_at_batch(name: str, batch: int) -> caffe_pb2.NetParameter:
+    """A zoo deploy net's parameter with its input at batch ``batch``."""
     param = read_net_text(os.path.join(ZOO_DIR, name + ".prototxt"))
-    param.force_backward = True
     for lp in param.layer:
         if lp.type == "Input":
             lp.input_param.shape[0].dim[0] = batch
@@ -87,6 +86,13 @@ def zoo_net(name: str, batch: int) -> Net:
         param.input_dim.insert(0, batch)
     for s in param.input_shape:
         s.dim[0] = batch
+    return param
+
+
+def zoo_net(name: str, batch: int) -> Net:
+    """A zoo deploy net at batch ``batch``, with force_backward (every blob gets a diff)."""
+    param = net_param_at_batch(name, batch)
+    param.force_backward = True
     return Net(param, caffe_pb2.TEST)
 
 

@@ -41,8 +41,10 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from compile_bench import (ZOO, child_report, recaffe_fwd_bwd, status_kb, torch_fwd_bwd,  # noqa: E402
-                           zoo_arrays, zoo_net)
+from google.protobuf import text_format  # noqa: E402
+
+from compile_bench import (ZOO, child_report, net_param_at_batch, recaffe_fwd_bwd, status_kb,  # noqa: E402
+                           torch_fwd_bwd, zoo_arrays, zoo_net)
 
 # BVLC Caffe, `caffe time` on the same prototxts (CPU): peak RSS above the process baseline, MB,
 # as issue 13 gives them: {net: (batch, MB)}
@@ -89,10 +91,16 @@ def child_run(variant: str, name: str, batch: int, iters: int, folder: str, deta
     if variant == "torch":
         from recaffe.export.torch_export import load_torch_module
         net, fn = None, torch_fwd_bwd(load_torch_module(os.path.join(folder, "m.py")), x, dy)
+    elif variant == "time":
+        from recaffe.cli.main import main as caffe_main
+        net = None
+
+        def fn():  # one call runs them all: its first forward+backward, then `iters` timed ones
+            caffe_main(["time", "-model", os.path.join(folder, "deploy.prototxt"), "-iterations", str(iters)])
     else:
         net = zoo_net(name, batch)
         fn = recaffe_fwd_bwd(net, x, dy)
-    for _ in range(iters):
+    for _ in range(1 if variant == "time" else iters):
         fn()
     print("baseline_kb", base)
     print("maxrss_kb", status_kb("VmHWM"))
@@ -112,6 +120,9 @@ def prepare(name: str, batch: int, folder: str) -> None:
     np.save(os.path.join(folder, "x.npy"), x)
     np.save(os.path.join(folder, "dy.npy"), dy)
     export_torch(net, os.path.join(folder, "m"))
+    param = net_param_at_batch(name, batch)  # `caffe time`'s: the deploy net as it is
+    with open(os.path.join(folder, "deploy.prototxt"), "w") as f:
+        f.write(text_format.MessageToString(param))
 
 
 NO_SLACK = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
@@ -148,24 +159,28 @@ def main(argv=None) -> int:
           f"{args.iters} forward+backward iterations per child")
     print(f"import baseline RSS: import torch {imports['torch']:.0f} MiB, import caffe {imports['caffe']:.0f} MiB")
     print("peak RSS above the baseline, MiB (Caffe: MB as the issue gives them)")
-    print(f"{'net':24s} {'recaffe':>8s} {'torch':>8s} {'r/torch':>8s} {'Caffe':>8s} {'r/Caffe':>8s}" +
-          (f" {'no slack: recaffe':>18s} {'torch':>8s}" if args.no_slack else ""))
+    print("  fwd+bwd: every blob's gradient (force_backward), recaffe against the torch module")
+    print("  caffe time: the deploy net as it is, `caffe time` (param gradients only), recaffe against Caffe")
+    print(f"{'':24s} {'fwd+bwd':>26s} {'caffe time':>27s}")
+    print(f"{'net':24s} {'recaffe':>8s} {'torch':>8s} {'r/torch':>8s} {'recaffe':>8s} {'Caffe':>8s} "
+          f"{'r/Caffe':>8s}" + (f" {'no slack: recaffe':>18s} {'torch':>8s}" if args.no_slack else ""))
     for name in args.nets.split(","):
         folder = tempfile.mkdtemp(prefix="memory_bench_")
         try:
             prepare(name, args.batch, folder)
             r = measure("recaffe", name, args.batch, args.iters, folder, args.detail)
             t = measure("torch", name, args.batch, args.iters, folder, False)
+            c = measure("time", name, args.batch, args.iters, folder, False)
             if args.no_slack:
                 r["tight"] = measure("recaffe", name, args.batch, args.iters, folder, False, NO_SLACK)["peak"]
                 t["tight"] = measure("torch", name, args.batch, args.iters, folder, False, NO_SLACK)["peak"]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         batch, caffe = CAFFE.get(name, (None, None))
-        caffe_s = f"{caffe:8d} {r['peak'] / caffe:7.2f}x" if batch == args.batch else f"{'-':>8s} {'-':>8s}"
+        caffe_s = f"{caffe:8d} {c['peak'] / caffe:7.2f}x" if batch == args.batch else f"{'-':>8s} {'-':>8s}"
         tight = f" {r['tight']:18.0f} {t['tight']:8.0f}" if args.no_slack else ""
-        print(f"{name:24s} {r['peak']:8.0f} {t['peak']:8.0f} {r['peak'] / t['peak']:7.2f}x {caffe_s}{tight}",
-              flush=True)
+        print(f"{name:24s} {r['peak']:8.0f} {t['peak']:8.0f} {r['peak'] / t['peak']:7.2f}x "
+              f"{c['peak']:8.0f} {caffe_s}{tight}", flush=True)
         if r["held"]:
             print("    recaffe holds after backward: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in sorted(r["held"].items(), key=lambda kv: -kv[1])) +

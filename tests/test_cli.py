@@ -72,6 +72,25 @@ def test_test_and_time_commands(tmp_path, monkeypatch):
     assert any(ln.startswith("Average Forward-Backward: ") for ln in lines)
 
 
+def test_time_runs_every_layers_backward_as_caffe(tmp_path, monkeypatch):
+    # a deploy net (no loss): no layer needs backward, yet Caffe's time calls each layer's
+    # Backward with the net's propagate_down flags, so the convolution's param gradients are timed
+    from recaffe.layers.vision import ConvolutionLayer
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "deploy.prototxt",
+          'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 1 dim: 5 dim: 5 } } }\n'
+          'layer { name: "conv" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 2 '
+          'kernel_size: 3 } }\n'
+          'layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }\n')
+    calls = []
+    original = ConvolutionLayer.backward
+    monkeypatch.setattr(ConvolutionLayer, "backward",
+                        lambda self, top, prop, bottom: (calls.append(list(prop)),
+                                                         original(self, top, prop, bottom)))
+    assert main(["time", "-model", "deploy.prototxt", "-iterations", "3"]) == 0
+    assert calls == [[False]] * 3
+
+
 def test_unknown_command_and_gpu_without_cuda(capsys):
     assert main(["trian"]) == 1
     assert "unknown command 'trian'" in capsys.readouterr().err

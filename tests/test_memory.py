@@ -231,3 +231,64 @@ def test_batch_chunks_give_the_whole_batchs_values_in_reused_memory(monkeypatch,
                        + [p.diff_t.clone() for p in lay.blobs])
     for whole, chunked in zip(*results):
         torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+
+
+def _bn_scale_net(in_place: bool):
+    # conv -> BatchNorm (global statistics) -> Scale -> ReLU, then Eltwise SUM with the conv's input
+    names = ["c", "c", "c", "c"] if in_place else ["c", "b", "s", "r"]
+    return make_net(
+        'force_backward: true\n'
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }\n'
+        f'layer {{ name: "conv" type: "Convolution" bottom: "x" top: "{names[0]}" convolution_param {{ '
+        '  num_output: 3 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+        f'layer {{ name: "bn" type: "BatchNorm" bottom: "{names[0]}" top: "{names[1]}" '
+        '  batch_norm_param { use_global_stats: true } }\n'
+        f'layer {{ name: "scale" type: "Scale" bottom: "{names[1]}" top: "{names[2]}" scale_param {{ '
+        '  bias_term: true filler { type: "gaussian" std: 1 } bias_filler { type: "gaussian" std: 1 } } }\n'
+        f'layer {{ name: "relu" type: "ReLU" bottom: "{names[2]}" top: "{names[3]}" }}\n'
+        f'layer {{ name: "sum" type: "Eltwise" bottom: "{names[3]}" bottom: "x" top: "y" '
+        '  eltwise_param { coeff: 2 coeff: -1 } }\n', caffe_pb2.TEST)
+
+
+def test_batchnorm_scale_relu_eltwise_in_place_equal_the_same_layers_apart():
+    nets = [_bn_scale_net(False), _bn_scale_net(True)]
+    rng = np.random.default_rng(5)
+    stats = [rng.standard_normal(3), rng.random(3) + 0.5, np.array([2.0])]
+    for net in nets:
+        for dst, src in zip(net.layer_dict["bn"].blobs, stats):
+            dst.data[...] = src
+        for name in ("conv", "scale"):
+            for dst, src in zip(net.layer_dict[name].blobs, nets[0].layer_dict[name].blobs):
+                dst.data_t = src.data_t.clone()
+    ptrs = []
+    for _ in range(3):  # fresh values each pass, written into last pass's memory
+        x = torch.from_numpy(rng.standard_normal((2, 3, 4, 4))).float()
+        dy = torch.from_numpy(rng.standard_normal((2, 3, 4, 4))).float()
+        for net in nets:
+            net.blobs["x"].data_t = x.clone()
+            net.clear_param_diffs()
+            net.forward_loss()
+            net.blobs["y"].diff_t = dy.clone()
+            net.backward_from_to()
+        apart, in_place = nets
+        ptrs.append([apart.blobs[b]._data.tensor.data_ptr() for b in ("b", "y")]
+                    + [apart.blobs[b]._diff.tensor.data_ptr() for b in ("c", "s")])
+        # BatchNorm wrote in place (keeping no normalized copy), and so did the backward chain
+        assert all(net.layer_dict["bn"]._x_norm is None for net in nets)
+        torch.testing.assert_close(in_place.blobs["y"].data_t, apart.blobs["y"].data_t, rtol=0, atol=0)
+        torch.testing.assert_close(in_place.blobs["x"].diff_t, apart.blobs["x"].diff_t, rtol=0, atol=0)
+        for name in ("conv", "scale"):
+            for a, b in zip(apart.layer_dict[name].blobs, in_place.layer_dict[name].blobs):
+                torch.testing.assert_close(b.diff_t, a.diff_t, rtol=0, atol=0)
+    assert ptrs[1] == ptrs[2]  # apart: BatchNorm's and Eltwise's tops, BatchNorm's and Scale's bottom diffs
+    # and by autograd, for the in-place net's last pass
+    conv, scale = (nets[1].layer_dict[n] for n in ("conv", "scale"))
+    xg = x.clone().requires_grad_(True)
+    mean, var = (torch.from_numpy(v / 2.0).float() for v in stats[:2])
+    c = torch.nn.functional.conv2d(xg, conv.blobs[0].data_t, conv.blobs[1].data_t, padding=1)
+    b = (c - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + 1e-5)
+    s = b * scale.blobs[0].data_t.view(1, -1, 1, 1) + scale.blobs[1].data_t.view(1, -1, 1, 1)
+    y = 2 * torch.relu(s) - xg
+    y.backward(dy)
+    torch.testing.assert_close(nets[1].blobs["y"].data_t, y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nets[1].blobs["x"].diff_t, xg.grad, rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ Parameters are always updated in place.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -35,6 +36,31 @@ from .proto import caffe_pb2
 
 MAX_BLOB_AXES = 32
 MAX_BLOB_COUNT = 2**31 - 1  # Caffe's Blob::Reshape: "blob size exceeds INT_MAX"
+
+
+# Blob memory of at least this size is its own anonymous mapping, as Caffe's SyncedMemory is one
+# allocation per blob: it stays out of the heap that kernels' temporaries churn (so it cannot be
+# fragmented by them, and goes back to the system when the blob lets go of it), and its pages are
+# the system's zero pages until written (a diff only read, as `caffe time`'s, costs nothing).
+MAPPED_MIN_BYTES = 1 << 20
+
+
+def _blob_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new zero tensor for a blob's data or diff (see MAPPED_MIN_BYTES)."""
+    count = _prod(shape)
+    if device.type != "cpu" or count * dtype.itemsize < MAPPED_MIN_BYTES or torch.compiler.is_compiling():
+        return torch.zeros(shape, dtype=dtype, device=device)
+    flat = torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype)
+    # the storage alone (not a view of ``flat``): nothing else references it (Blob._writable)
+    return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape)
+
+
+def _unviewed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a view, e.g. a layer's result reshaped to the top's shape) as a tensor of its own
+    over the same memory: a view keeps its base alive, which would count as another reference
+    (Blob._writable) even when nothing else holds the base."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class BlobError(RecaffeError, ValueError):
@@ -140,7 +166,7 @@ class Blob:
 
     # ------------------------------------------------------------- tensors
     def _alloc(self) -> torch.Tensor:
-        return torch.zeros(self._shape, dtype=self.dtype, device=self.device)
+        return _blob_memory(self._shape, self.dtype, self.device)
 
     def _pull(self, s: _Synced) -> None:
         """Bring host edits (non-CPU devices) back to the device tensor."""
@@ -161,6 +187,8 @@ class Blob:
         if t.dtype != self.dtype:  # a float32 result stored in a bfloat16 blob, or the reverse
             t = t.to(self.dtype)
         if s.live is None or not self._direct:
+            if t._base is not None and not torch.compiler.is_compiling():
+                t = _unviewed(t)
             s.tensor = t
             s.shared_from = None
             s.host = None
@@ -256,8 +284,7 @@ class Blob:
     def _mutable(self, s: _Synced) -> torch.Tensor:
         if self._writable(s):
             return s.tensor
-        t = torch.empty(self._shape, dtype=self.dtype, device=self.device)
-        self._set(s, t)
+        self._set(s, _blob_memory(self._shape, self.dtype, self.device))
         return s.tensor
 
     @property

@@ -238,8 +238,9 @@ def time_(flags: dict) -> int:
         t0 = _time.perf_counter()
         for i in range(n - 1, -1, -1):
             s = _time.perf_counter()
-            if net.layer_need_backward[i]:
-                net.backward_layer(i)
+            # as Caffe's time: every layer's Backward, propagating where the net's analysis says
+            # (a deploy net with no loss still computes its param gradients)
+            net.backward_layer(i)
             sync()
             bwd[i] += _time.perf_counter() - s
         bwd_total += _time.perf_counter() - t0

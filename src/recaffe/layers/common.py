@@ -468,6 +468,8 @@ class EltwiseLayer(Layer):
                                  f"bottom {i} has shape {b.shape}")
         if top[0] is not bottom[0]:
             top[0].reshape_like(bottom[0])
+        # SUM writes into its top's own memory unless the top is a bottom
+        self.replaces_tops = self.op != _ELTWISE.SUM or any(b is top[0] for b in bottom)
 
     def forward(self, bottom, top):
         xs = [b.data_t for b in bottom]
@@ -477,7 +479,11 @@ class EltwiseLayer(Layer):
             for x in xs[2:]:
                 y = y * x
         elif self.op == _ELTWISE.SUM:
-            y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0].clone()
+            y = None if self.replaces_tops else top[0].mutable_data_t()
+            if y is None:
+                y = xs[0] * self.coeffs[0] if self.coeffs[0] != 1 else xs[0].clone()
+            else:  # into last pass's top
+                torch.mul(xs[0], self.coeffs[0], out=y)
             for c, x in zip(self.coeffs[1:], xs[1:]):
                 y.add_(x, alpha=c)
         else:

@@ -31,6 +31,7 @@ class BatchNormLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
+    _x_norm: torch.Tensor | None = None
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.batch_norm_param
@@ -94,6 +95,7 @@ class BatchNormLayer(Layer):
     def forward(self, bottom, top):
         # (mixed precision: statistics and normalization in float32, the param type, whatever
         # the blobs' type; the top is stored back in it)
+        out = self._output_memory(bottom, top) if self.use_global_stats and not self.nvcaffe else None
         x = self._stats_view(bottom[0].data_t.to(self.param_dtype))
         if self.nvcaffe:
             self._nvcaffe_forward(x, top)
@@ -103,6 +105,13 @@ class BatchNormLayer(Layer):
             inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)  # a zero scale factor gives 0
             mean = self.blobs[0].data_t * inv
             var = self.blobs[1].data_t * inv
+            if out is not None:
+                # Backward then needs only the std (Caffe keeps x_norm_ too: never read here)
+                self._x_norm = None
+                self._std = torch.sqrt(var + self.eps).reshape(1, -1, 1)
+                xo = self._stats_view(out)
+                torch.sub(x, mean.reshape(1, -1, 1), out=xo).div_(self._std)
+                return
             xc = x - mean.reshape(1, -1, 1)
         else:
             mean = x.mean(dim=(0, 2))
@@ -120,6 +129,16 @@ class BatchNormLayer(Layer):
         # kept for backward (the top may be overwritten by a later in-place layer), in the blobs' type
         self._x_norm = y.to(self.dtype)
         top[0].data_t = y.reshape(top[0].shape)
+
+    def _output_memory(self, bottom, top) -> torch.Tensor | None:
+        """Where a global-statistics forward may write: the blob's own data in place, or last
+        pass's top (Blob.mutable_data_t); None in mixed precision (a float32 result) or when
+        another tensor views the in-place blob."""
+        if bottom[0].dtype != self.param_dtype:
+            return None
+        if top[0] is bottom[0]:
+            return bottom[0].data_t if bottom[0].data_writable else None
+        return top[0].mutable_data_t()
 
     def _nvcaffe_forward(self, x, top):
         if self.use_global_stats:
@@ -157,6 +176,14 @@ class BatchNormLayer(Layer):
             return
         if not propagate_down[0]:
             return
+        if self._x_norm is None:  # a global-statistics forward that wrote into the blobs' memory
+            if top[0] is not bottom[0]:
+                dx = self._stats_view(bottom[0].mutable_diff_t())
+                torch.div(self._stats_view(top[0].diff_t), self._std, out=dx)
+                return
+            if bottom[0].diff_writable:
+                self._stats_view(top[0].diff_t).div_(self._std)
+                return
         self._normalization_backward(self._stats_view(top[0].diff_t.to(self.param_dtype)), bottom)
 
     def _normalization_backward(self, dy, bottom):
@@ -319,7 +346,13 @@ class ScaleLayer(Layer):
                 bottom[1].diff_t = g.reshape(bottom[1].shape)
         if propagate_down[0]:
             s = self._scale(bottom).data_t.reshape(1, dim, 1)
-            bottom[0].diff_t = (dy.reshape(outer, dim, inner) * s).reshape(bottom[0].shape)
+            if top[0] is bottom[0] and bottom[0].diff_writable:
+                dy.view(outer, dim, inner).mul_(s)  # in place, into the blob's own diff
+            elif top[0] is not bottom[0] and dy.dtype == bottom[0].dtype:
+                dx = bottom[0].mutable_diff_t()
+                torch.mul(dy.reshape(outer, dim, inner), s, out=dx.view(outer, dim, inner))
+            else:
+                bottom[0].diff_t = (dy.reshape(outer, dim, inner) * s).reshape(bottom[0].shape)
 
 
 @register("Normalize")
