@@ -292,3 +292,31 @@ def test_batchnorm_scale_relu_eltwise_in_place_equal_the_same_layers_apart():
     y.backward(dy)
     torch.testing.assert_close(nets[1].blobs["y"].data_t, y.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nets[1].blobs["x"].diff_t, xg.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_diff_two_blobs_share_is_not_overwritten_in_place():
+    # ResNet's shape: Eltwise SUM hands its top diff to both bottoms; each branch ends in an
+    # in-place Scale whose backward must not scale the other branch's gradient through it
+    net = make_net(
+        'force_backward: true\n'
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+        'layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 3 '
+        '  weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "b" type: "InnerProduct" bottom: "x" top: "b" inner_product_param { num_output: 3 '
+        '  weight_filler { type: "gaussian" std: 1 } } }\n'
+        'layer { name: "sa" type: "Scale" bottom: "a" top: "a" scale_param { filler { type: "constant" value: 3 } } }\n'
+        'layer { name: "rb" type: "ReLU" bottom: "b" top: "b" }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "y" }\n', caffe_pb2.TEST)
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]])
+    net.blobs["x"].data_t = x.clone()
+    dy = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]])
+    for _ in range(2):
+        net.forward_loss()
+        net.blobs["y"].diff_t = dy.clone()
+        net.backward_from_to()
+    # Caffe: the Eltwise top keeps its diff; "a" gets dy * 3, "b" gets dy where b > 0
+    torch.testing.assert_close(net.blobs["y"].diff_t, dy, rtol=0, atol=0)
+    torch.testing.assert_close(net.blobs["a"].diff_t, dy * 3, rtol=0, atol=0)
+    wb = net.layer_dict["b"].blobs[0].data_t
+    b = x @ wb.t() + net.layer_dict["b"].blobs[1].data_t
+    torch.testing.assert_close(net.blobs["b"].diff_t, dy * (b > 0), rtol=0, atol=0)

@@ -55,10 +55,19 @@ def _blob_memory(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape)
 
 
-def _unviewed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a view, e.g. a layer's result reshaped to the top's shape) as a tensor of its own
-    over the same memory: a view keeps its base alive, which would count as another reference
-    (Blob._writable) even when nothing else holds the base."""
+def _use_count(t: torch.Tensor) -> int:
+    """How many tensors reference ``t``'s memory (plus one, the storage object asked for); a
+    large number where this torch has no way to tell, so nothing is written in place."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(t.untyped_storage()._cdata) if count is not None else 1 << 30
+
+
+def _own_alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor object of the blob's own over ``t``'s memory, so that Blob._writable's count of
+    references to that memory sees every holder: a layer may hand the same tensor to two blobs
+    (Eltwise SUM gives its top diff to each bottom: an in-place backward on one must not change
+    the other), and a view (a result reshaped to the top's shape) would keep its base alive, a
+    reference that nothing else holds."""
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
@@ -71,10 +80,14 @@ class _Synced:
     """One tensor (data or diff); ``live`` is the flat buffer Python's arrays view (a tensor on
     CPU, the host mirror on other devices), None until Python asks for an array."""
 
-    __slots__ = ("tensor", "live", "shared_from", "host", "host_newer")
+    __slots__ = ("tensor", "live", "shared_from", "host", "host_newer", "own")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
+        # the tensor object is the blob's own (allocated, or aliased by _set, eagerly): set only
+        # there; any other assignment (a reshape's view, sharing, a compiled graph's side effect)
+        # clears it, and Blob._writable then refuses to write into the memory in place
+        self.own = False
         self.live: torch.Tensor | np.ndarray | None = None
         self.shared_from: tuple[Blob, _Synced] | None = None  # after share_data/share_diff
         self.host: np.ndarray | None = None
@@ -128,6 +141,7 @@ class Blob:
                 s.tensor = s.tensor.reshape(shape)
             else:
                 s.tensor = None
+            s.own = False
             s.host = None
             s.host_newer = False
 
@@ -177,6 +191,7 @@ class Blob:
     def _tensor(self, s: _Synced) -> torch.Tensor:
         if s.tensor is None:
             s.tensor = self._alloc()
+            s.own = True
         elif s.host_newer:
             self._pull(s)
         return s.tensor
@@ -187,9 +202,8 @@ class Blob:
         if t.dtype != self.dtype:  # a float32 result stored in a bfloat16 blob, or the reverse
             t = t.to(self.dtype)
         if s.live is None or not self._direct:
-            if t._base is not None and not torch.compiler.is_compiling():
-                t = _unviewed(t)
-            s.tensor = t
+            s.own = not torch.compiler.is_compiling()
+            s.tensor = _own_alias(t) if s.own else t
             s.shared_from = None
             s.host = None
             s.host_newer = False
@@ -279,7 +293,7 @@ class Blob:
         if self._direct and s.live is not None:
             return True
         # 2: the tensor and the storage object asked; any other tensor over it adds one
-        return s.host is None and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+        return s.own and s.host is None and _use_count(t) == 2
 
     def _mutable(self, s: _Synced) -> torch.Tensor:
         if self._writable(s):
@@ -321,6 +335,7 @@ class Blob:
         if s.live is None and s.shared_from is None:
             s.tensor = s.host = None
             s.host_newer = False
+            s.own = False
 
     def share_data(self, other: "Blob") -> None:
         """Use ``other``'s data tensor (same count), as Caffe's ShareData."""
@@ -335,6 +350,7 @@ class Blob:
             raise ValueError(f"tensor of shape {tuple(t.shape)} given to a blob of shape {self._shape}")
         s = self._data
         s.tensor = t
+        s.own = False
         s.live = s.shared_from = s.host = None
         s.host_newer = False
 
@@ -349,6 +365,7 @@ class Blob:
                 return  # already sharing this memory (a layer re-sharing at every forward)
             s.live = None  # arrays over our old memory go stale, as in Caffe
         s.tensor = t.reshape(self._shape)
+        s.own = False
         s.shared_from = (other, other_s)
         s.host = None
         s.host_newer = False
@@ -361,6 +378,7 @@ class Blob:
             if s.tensor is not None:
                 self._pull(s)
                 s.tensor = s.tensor.to(device=device, dtype=dtype)
+            s.own = False
             s.live = s.host = s.shared_from = None
             s.host_newer = False
         self.device, self.dtype, self._direct = device, dtype, _numpy_views(device, dtype)
