@@ -46,30 +46,34 @@ def _on_call(layer, method, check):
     setattr(layer, method, wrapped)
 
 
-def test_a_layer_top_data_is_freed_before_the_layer_computes_the_new_one():
+def test_a_layer_top_data_is_freed_before_the_layer_computes_the_new_one_or_written_into():
     net = _net()
     net.forward_loss()
     seen = {}
-    for layer, top in (("conv", "c"), ("pool", "p"), ("fc", "y")):
+    for layer, top in (("conv", "c"), ("pool", "p")):
         old = weakref.ref(net.blobs[top].data_t)
         _on_call(net.layer_dict[layer], "forward", lambda layer=layer, old=old: seen.setdefault(layer, old()))
     before = {b: net.blobs[b].data_t.clone() for b in ("c", "p", "r", "y")}
+    reused = {b: net.blobs[b].data_t.data_ptr() for b in ("r", "y")}  # ReLU, InnerProduct
     net.forward_loss()
-    assert seen == {"conv": None, "pool": None, "fc": None}
+    assert seen == {"conv": None, "pool": None}
+    assert {b: net.blobs[b].data_t.data_ptr() for b in ("r", "y")} == reused
     for b, v in before.items():  # same input, same values
         assert torch.equal(net.blobs[b].data_t, v)
 
 
-def test_a_bottom_diff_is_freed_before_the_layer_writes_the_new_one():
+def test_a_bottom_diff_is_freed_before_the_layer_writes_the_new_one_or_written_into():
     net = _net()
     _fwd_bwd(net)
     seen = {}
-    for layer, bottom in (("fc", "r"), ("pool", "c"), ("conv", "x")):
+    for layer, bottom in (("pool", "c"), ("conv", "x")):
         old = weakref.ref(net.blobs[bottom].diff_t)
         _on_call(net.layer_dict[layer], "backward", lambda layer=layer, old=old: seen.setdefault(layer, old()))
     before = {b: net.blobs[b].diff_t.clone() for b in ("x", "c", "p", "r")}
+    reused = {b: net.blobs[b].diff_t.data_ptr() for b in ("r", "p")}  # InnerProduct, ReLU
     _fwd_bwd(net)
-    assert seen == {"fc": None, "pool": None, "conv": None}
+    assert seen == {"pool": None, "conv": None}
+    assert {b: net.blobs[b].diff_t.data_ptr() for b in ("r", "p")} == reused
     for b, v in before.items():
         assert torch.equal(net.blobs[b].diff_t, v)
 

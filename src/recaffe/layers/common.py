@@ -14,7 +14,8 @@ class InnerProductLayer(Layer):
 
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
-    replaces_tops = replaces_bottom_diffs = True
+    # it writes its top and its bottom diff into their own memory (Blob.mutable_data_t), reused
+    # across passes as in Caffe (eagerly; compiled graphs hand over new tensors)
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.inner_product_param
@@ -44,8 +45,19 @@ class InnerProductLayer(Layer):
         # explicit M (not -1): with K = 0 the row count would be ambiguous
         return blob.data_t.reshape(blob.count(0, self.axis), self.k)
 
+    def _into(self, blob, dtype) -> bool:
+        """Whether to write into ``blob``'s own memory: eagerly, in the blob's type."""
+        return blob.dtype == dtype and not torch.compiler.is_compiling()
+
     def forward(self, bottom, top):
         x = self._rows(bottom[0])
+        if self._into(top[0], x.dtype) and top[0] is not bottom[0]:
+            y = top[0].mutable_data_t().view(x.shape[0], self.num_output)
+            if self.bias_term:
+                torch.addmm(self.param_t(1), x, self._weight(), out=y)
+            else:
+                torch.mm(x, self._weight(), out=y)
+            return
         if self.bias_term:
             y = torch.addmm(self.param_t(1), x, self._weight())
         else:
@@ -66,8 +78,10 @@ class InnerProductLayer(Layer):
         if self.bias_term and self.param_propagate_down[1]:
             self.blobs[1].diff_t.add_(dy.sum(0))
         if propagate_down[0]:
-            dx = dy @ self._weight().t()
-            bottom[0].diff_t = dx.reshape(bottom[0].shape)
+            if self._into(bottom[0], dy.dtype) and top[0] is not bottom[0]:
+                torch.mm(dy, self._weight().t(), out=bottom[0].mutable_diff_t().view(dy.shape[0], self.k))
+            else:
+                bottom[0].diff_t = (dy @ self._weight().t()).reshape(bottom[0].shape)
 
 
 @register("Split")
