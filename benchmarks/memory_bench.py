@@ -14,9 +14,14 @@ inherits from a bigger parent) minus that baseline, so it counts the weights, th
 the gradients and the allocator's slack, as "peak RSS above the process baseline" does for
 ``caffe time``. No tracemalloc (it does not see torch's memory).
 
+A third child runs recaffe's ``caffe time`` on the deploy prototxt as it is (no force_backward:
+every layer's forward, then every layer's backward with the net's propagate_down flags, i.e.
+param gradients only), the workload BVLC Caffe's figures were measured on.
+
 Printed: the RSS of ``import torch`` and ``import caffe`` alone (clean children), then per net
-the peak above baseline for recaffe and the torch module, their ratio, and the figure BVLC
-Caffe measured (issue 13, ``caffe time``, same prototxts, CPU) where the batch matches.
+the peak above baseline for recaffe and the torch module (fwd+bwd), their ratio, recaffe's
+``caffe time`` peak, the figure BVLC Caffe measured (issue 13, ``caffe time``, same prototxts,
+CPU) where the batch matches, and their ratio.
 ``--detail`` adds, for recaffe, what the net holds after its last backward (tensors reachable
 from blobs and layers, each storage counted once): blob data, blob diffs, params, and the
 tensors layers keep between forward and backward. ``--no-slack`` runs both children again with
