@@ -89,6 +89,9 @@ def test_time_runs_every_layers_backward_as_caffe(tmp_path, monkeypatch):
                                                          original(self, top, prop, bottom)))
     assert main(["time", "-model", "deploy.prototxt", "-iterations", "3"]) == 0
     assert calls == [[False]] * 3
+    calls.clear()  # -compile times the same work (after its warm-up passes, which skip it)
+    assert main(["time", "-model", "deploy.prototxt", "-iterations", "2", "-compile"]) == 0
+    assert calls == [[False]] * 2
 
 
 def test_unknown_command_and_gpu_without_cuda(capsys):
