@@ -1,6 +1,7 @@
 """What a net keeps in memory: old tensors go before new ones are computed, nothing a backward
 never needs is allocated, and what layers keep for backward is no bigger than Caffe's.
 (Peak memory itself is measured by benchmarks/memory_bench.py, never asserted here.)"""
+import os
 import weakref
 
 import numpy as np
@@ -324,3 +325,22 @@ def test_a_diff_two_blobs_share_is_not_overwritten_in_place():
     wb = net.layer_dict["b"].blobs[0].data_t
     b = x @ wb.t() + net.layer_dict["b"].blobs[1].data_t
     torch.testing.assert_close(net.blobs["b"].diff_t, dy * (b > 0), rtol=0, atol=0)
+
+
+def test_large_blob_memory_is_zero_writable_and_its_own():
+    from recaffe import blob as blob_mod
+    n = blob_mod.MAPPED_MIN_BYTES // 4 + 10  # float32 values past the mapping threshold
+    b = Blob((n,))
+    t = b.diff_t  # first read: zeros, in a mapping of its own
+    assert t.dtype == torch.float32 and not bool(t.any())
+    if os.path.exists("/proc/self/maps"):  # Linux: outside the heap kernels' temporaries churn
+        with open("/proc/self/maps") as f:
+            lines = [ln for ln in f if int(ln.split("-")[0], 16) <= t.data_ptr()
+                     < int(ln.split("-")[1].split()[0], 16)]
+        assert len(lines) == 1 and "[heap]" not in lines[0]
+    assert b.diff_writable and b.mutable_diff_t() is t
+    t.fill_(2.5)
+    b.reshape(n + 1)  # a new size: new memory, zero again
+    assert not bool(b.diff_t.any())
+    small = Blob((3,))
+    assert small.data_t.tolist() == [0, 0, 0]
