@@ -90,7 +90,13 @@ def test_time_runs_every_layers_backward_as_caffe(tmp_path, monkeypatch):
     assert main(["time", "-model", "deploy.prototxt", "-iterations", "3"]) == 0
     assert calls == [[False]] * 3
     calls.clear()  # -compile times the same work (after its warm-up passes, which skip it)
-    assert main(["time", "-model", "deploy.prototxt", "-iterations", "2", "-compile"]) == 0
+    from recaffe import fastpath
+    monkeypatch.setattr(fastpath, "_mode", None)
+    monkeypatch.setenv(fastpath.COMPILE_ENV, "0")  # main() sets both; restored after the test
+    try:
+        assert main(["time", "-model", "deploy.prototxt", "-iterations", "2", "-compile"]) == 0
+    finally:
+        fastpath.set_compile(False)
     assert calls == [[False]] * 2
 
 
