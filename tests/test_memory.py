@@ -344,3 +344,25 @@ def test_large_blob_memory_is_zero_writable_and_its_own():
     assert not bool(b.diff_t.any())
     small = Blob((3,))
     assert small.data_t.tolist() == [0, 0, 0]
+
+
+def test_memory_split_tops_share_is_written_in_place_and_they_see_it():
+    # Eltwise's top feeds two layers, so a Split shares its data (Caffe's ShareData): Eltwise
+    # still writes into the same memory each pass, and the Split's tops read the new values
+    net = make_net(
+        'layer { name: "in" type: "Input" top: "x" top: "z" input_param { shape { dim: 2 dim: 300000 } '
+        '  shape { dim: 2 dim: 300000 } } }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "z" top: "s" }\n'
+        'layer { name: "r1" type: "ReLU" bottom: "s" top: "r1" }\n'
+        'layer { name: "r2" type: "TanH" bottom: "s" top: "r2" }\n', caffe_pb2.TEST)
+    assert any(t == "Split" for t in (layer.type for layer in net.layers))
+    rng = np.random.default_rng(7)
+    ptrs = set()
+    for _ in range(3):
+        x, z = (torch.from_numpy(rng.standard_normal((2, 300000))).float() for _ in range(2))
+        net.blobs["x"].data_t, net.blobs["z"].data_t = x, z
+        net.forward_loss()
+        ptrs.add(net.blobs["s"]._data.tensor.data_ptr())
+        torch.testing.assert_close(net.blobs["r1"].data_t, torch.relu(x + z), rtol=0, atol=0)
+        torch.testing.assert_close(net.blobs["r2"].data_t, torch.tanh(x + z))
+    assert len(ptrs) == 1  # large (its own mapping): written in place, not re-mapped each pass

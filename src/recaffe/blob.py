@@ -62,6 +62,17 @@ def _use_count(t: torch.Tensor) -> int:
     return count(t.untyped_storage()._cdata) if count is not None else 1 << 30
 
 
+def _sharing_views(s: "_Synced", storage: int) -> int:
+    """How many blobs that shared from ``s`` (and from them, in turn) still view ``storage``."""
+    n = 0
+    for other in s.sharers:
+        t = other.tensor
+        if other.shared_from is not None and other.shared_from[1] is s and t is not None \
+                and t.untyped_storage().data_ptr() == storage:
+            n += 1 + _sharing_views(other, storage)
+    return n
+
+
 def _own_alias(t: torch.Tensor) -> torch.Tensor:
     """A tensor object of the blob's own over ``t``'s memory, so that Blob._writable's count of
     references to that memory sees every holder: a layer may hand the same tensor to two blobs
@@ -80,7 +91,7 @@ class _Synced:
     """One tensor (data or diff); ``live`` is the flat buffer Python's arrays view (a tensor on
     CPU, the host mirror on other devices), None until Python asks for an array."""
 
-    __slots__ = ("tensor", "live", "shared_from", "host", "host_newer", "own")
+    __slots__ = ("tensor", "live", "shared_from", "host", "host_newer", "own", "sharers")
 
     def __init__(self, tensor: torch.Tensor | None = None):
         self.tensor = tensor
@@ -90,6 +101,7 @@ class _Synced:
         self.own = False
         self.live: torch.Tensor | np.ndarray | None = None
         self.shared_from: tuple[Blob, _Synced] | None = None  # after share_data/share_diff
+        self.sharers: set[_Synced] = set()  # the ones that shared from this one
         self.host: np.ndarray | None = None
         self.host_newer = False
 
@@ -292,8 +304,13 @@ class Blob:
             return False
         if self._direct and s.live is not None:
             return True
-        # 2: the tensor and the storage object asked; any other tensor over it adds one
-        return s.own and s.host is None and _use_count(t) == 2
+        if not s.own or s.host is not None:
+            return False
+        # 2: the tensor and the storage object asked; any other tensor over it adds one, except
+        # the blobs that share this memory (Caffe's ShareData: Split's tops, Flatten's, ...),
+        # which see what is written here in Caffe too
+        storage = t.untyped_storage().data_ptr()
+        return _use_count(t) == 2 + _sharing_views(s, storage)
 
     def _mutable(self, s: _Synced) -> torch.Tensor:
         if self._writable(s):
@@ -367,6 +384,7 @@ class Blob:
         s.tensor = t.reshape(self._shape)
         s.own = False
         s.shared_from = (other, other_s)
+        other_s.sharers.add(s)
         s.host = None
         s.host_newer = False
 
