@@ -278,8 +278,10 @@ def test_batchnorm_scale_relu_eltwise_in_place_equal_the_same_layers_apart():
         apart, in_place = nets
         ptrs.append([apart.blobs[b]._data.tensor.data_ptr() for b in ("b", "y")]
                     + [apart.blobs[b]._diff.tensor.data_ptr() for b in ("c", "s")])
-        # BatchNorm wrote in place (keeping no normalized copy), and so did the backward chain
+        # BatchNorm wrote in place (keeping no normalized copy), Scale in place keeping its input
+        # in a buffer of its own (Caffe's temp_), and so did the backward chain
         assert all(net.layer_dict["bn"]._x_norm is None for net in nets)
+        assert nets[1].layer_dict["scale"]._x is nets[1].layer_dict["scale"]._x_copy
         torch.testing.assert_close(in_place.blobs["y"].data_t, apart.blobs["y"].data_t, rtol=0, atol=0)
         torch.testing.assert_close(in_place.blobs["x"].diff_t, apart.blobs["x"].diff_t, rtol=0, atol=0)
         for name in ("conv", "scale"):

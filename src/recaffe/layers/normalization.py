@@ -287,6 +287,7 @@ class ScaleLayer(Layer):
     min_bottom_blobs = 1
     max_bottom_blobs = 2
     exact_num_top_blobs = 1
+    _x_copy: torch.Tensor | None = None
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.scale_param
@@ -323,9 +324,21 @@ class ScaleLayer(Layer):
     def forward(self, bottom, top):
         outer, dim, inner = self.dims
         x = bottom[0].data_t
+        scale = self._scale(bottom).data_t.reshape(1, dim, 1)
+        if top[0] is bottom[0] and bottom[0].data_writable and scale.dtype == x.dtype:
+            # In place, as Caffe: the input goes to a buffer kept across passes (Caffe's temp_;
+            # the scale's gradient reads it) and the output over the blob's own memory
+            if self._x_copy is None or self._x_copy.shape != x.shape:
+                self._x_copy = torch.empty_like(x)
+            self._x = self._x_copy.copy_(x)
+            y = x.view(outer, dim, inner).mul_(scale)
+            if self.bias_term:
+                bo, bd, bi = self.bias_dims
+                y.view(bo, bd, bi).add_(self.blobs[-1].data_t.reshape(1, bd, 1))
+            return
         # The scale's gradient needs x, which an in-place top replaces (or, on a live blob, overwrites).
         self._x = x.clone() if top[0] is bottom[0] and bottom[0].data_is_live else x
-        y = x.reshape(outer, dim, inner) * self._scale(bottom).data_t.reshape(1, dim, 1)
+        y = x.reshape(outer, dim, inner) * scale
         if self.bias_term:
             bo, bd, bi = self.bias_dims
             y = y.reshape(bo, bd, bi) + self.blobs[-1].data_t.reshape(1, bd, 1)
