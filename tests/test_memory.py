@@ -278,10 +278,11 @@ def test_batchnorm_scale_relu_eltwise_in_place_equal_the_same_layers_apart():
         apart, in_place = nets
         ptrs.append([apart.blobs[b]._data.tensor.data_ptr() for b in ("b", "y")]
                     + [apart.blobs[b]._diff.tensor.data_ptr() for b in ("c", "s")])
-        # BatchNorm wrote in place (keeping no normalized copy), Scale in place keeping its input
-        # in a buffer of its own (Caffe's temp_), and so did the backward chain
+        # BatchNorm wrote in place (keeping no normalized copy), Scale kept its input and wrote
+        # into the one it kept last pass, and so did the backward chain
         assert all(net.layer_dict["bn"]._x_norm is None for net in nets)
-        assert nets[1].layer_dict["scale"]._x is nets[1].layer_dict["scale"]._x_copy
+        scale = nets[1].layer_dict["scale"]
+        assert scale._x is not None and scale._x.data_ptr() != nets[1].blobs["c"].data_t.data_ptr()
         torch.testing.assert_close(in_place.blobs["y"].data_t, apart.blobs["y"].data_t, rtol=0, atol=0)
         torch.testing.assert_close(in_place.blobs["x"].diff_t, apart.blobs["x"].diff_t, rtol=0, atol=0)
         for name in ("conv", "scale"):
@@ -368,3 +369,19 @@ def test_memory_split_tops_share_is_written_in_place_and_they_see_it():
         torch.testing.assert_close(net.blobs["r1"].data_t, torch.relu(x + z), rtol=0, atol=0)
         torch.testing.assert_close(net.blobs["r2"].data_t, torch.tanh(x + z))
     assert len(ptrs) == 1  # large (its own mapping): written in place, not re-mapped each pass
+
+
+def test_identity_backwards_share_the_diff_but_arrays_python_holds_stay_live():
+    # Eltwise SUM (coeff 1) gives each bottom the top's diff: shared, unless Python holds the
+    # bottom's diff array, which then keeps getting the new values (pycaffe's arrays stay live)
+    net = make_net(
+        'force_backward: true\n'
+        'layer { name: "in" type: "Input" top: "x" top: "z" input_param { shape { dim: 4 } shape { dim: 4 } } }\n'
+        'layer { name: "sum" type: "Eltwise" bottom: "x" bottom: "z" top: "y" }\n', caffe_pb2.TEST)
+    held = net.blobs["z"].diff
+    for k in (1.0, 2.0):
+        net.forward_loss()
+        net.blobs["y"].diff_t = torch.full((4,), k)
+        net.backward_from_to()
+        assert held.tolist() == [k] * 4 and net.blobs["x"].diff.tolist() == [k] * 4
+    assert net.blobs["x"]._diff.shared_from is not None  # x holds no array: shared

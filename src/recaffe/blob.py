@@ -371,6 +371,23 @@ class Blob:
         s.live = s.shared_from = s.host = None
         s.host_newer = False
 
+    def take_data(self, other: "Blob") -> None:
+        """This blob's data becomes ``other``'s values (same count): shared, as Caffe's ShareData,
+        unless Python holds arrays over this data, which then get the values copied in."""
+        self._take(self._data, other, other._data, other.data_t)
+
+    def take_diff(self, other: "Blob") -> None:
+        """As take_data, for the diff (an identity layer's backward: Caffe's ShareDiff or copy)."""
+        self._take(self._diff, other, other._diff, other.diff_t)
+
+    def _take(self, s: _Synced, other: "Blob", other_s: _Synced, t: torch.Tensor) -> None:
+        if self._direct and s.live is not None and s.shared_from is None:
+            self._set(s, t.reshape(self._shape))  # arrays Python holds stay live
+        else:
+            if other.count() != self.count():
+                raise ValueError(f"cannot share: counts {other.count()} and {self.count()} differ")
+            self._share(s, other, other_s, t)
+
     def share_diff(self, other: "Blob") -> None:
         if other.count() != self.count():
             raise ValueError(f"cannot share diff: counts {other.count()} and {self.count()} differ")

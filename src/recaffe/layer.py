@@ -243,13 +243,16 @@ class Layer:
 CHUNK_BYTES = 4 << 20
 
 
-def batch_chunks(num: int, item_bytes: int, device: torch.device) -> list[slice] | None:
+def batch_chunks(num: int, item_bytes: int, device: torch.device, limit: int | None = None
+                 ) -> list[slice] | None:
     """Slices of a batch of ``num`` items whose outputs take ``item_bytes`` each, at most
-    CHUNK_BYTES per slice (at least one item); None where one call does: the output is small,
-    or the device is not the CPU (a GPU's kernels want the whole batch; unmeasured there)."""
-    if device.type != "cpu" or num < 2 or num * item_bytes <= CHUNK_BYTES:
+    ``limit`` (default CHUNK_BYTES) per slice (at least one item); None where one call does: the
+    output is small, or the device is not the CPU (a GPU's kernels want the whole batch;
+    unmeasured there)."""
+    limit = CHUNK_BYTES if limit is None else limit
+    if device.type != "cpu" or num < 2 or num * item_bytes <= limit:
         return None
-    step = max(1, CHUNK_BYTES // max(item_bytes, 1))
+    step = max(1, limit // max(item_bytes, 1))
     return [slice(i, min(i + step, num)) for i in range(0, num, step)]
 
 

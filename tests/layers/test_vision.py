@@ -419,6 +419,8 @@ def test_gradient_in_batch_chunks(monkeypatch, text, shape):
     monkeypatch.setattr(layer_mod, "CHUNK_BYTES", 1)
     layer = check_gradient(text, [distinct(*shape)])
     assert layer._chunks is not None and len(layer._chunks) == shape[0]
+    if layer.type in ("Convolution", "Deconvolution"):
+        assert len(layer._backward_chunks) == shape[0]
 
 
 def test_stochastic_pooling_train_samples_by_value():

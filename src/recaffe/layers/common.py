@@ -107,7 +107,8 @@ class SplitLayer(Layer):
         if not propagate_down[0]:
             return
         if len(top) == 1:
-            bottom[0].diff_t = top[0].diff_t
+            if top[0] is not bottom[0]:
+                bottom[0].take_diff(top[0])  # the same values: shared (Caffe's ShareDiff)
             return
         if any(t is bottom[0] for t in top):
             total = top[0].diff_t + top[1].diff_t
@@ -178,8 +179,8 @@ class ConcatLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff_t
         if len(bottom) == 1:
-            if propagate_down[0]:
-                bottom[0].diff_t = dy
+            if propagate_down[0] and bottom[0] is not top[0]:
+                bottom[0].take_diff(top[0])  # as its forward shares the data
             return
         for b, g, down in zip(bottom, torch.split(dy, self.sizes, dim=self.axis), propagate_down):
             if down:
@@ -414,7 +415,8 @@ class SliceLayer(Layer):
         if not propagate_down[0]:
             return
         if len(top) == 1:
-            bottom[0].diff_t = top[0].diff_t
+            if top[0] is not bottom[0]:
+                bottom[0].take_diff(top[0])  # the same values: shared (Caffe's ShareDiff)
             return
         bottom[0].diff_t = torch.cat([t.diff_t for t in top], dim=self.axis)
 
@@ -527,7 +529,13 @@ class EltwiseLayer(Layer):
                 else:
                     g = top[0].data_t / b.data_t * dy
             elif self.op == _ELTWISE.SUM:
-                g = dy if self.coeffs[i] == 1 else dy * self.coeffs[i]
+                if self.coeffs[i] == 1:
+                    if b is not top[0]:
+                        # the top's diff itself: shared (Caffe's ShareDiff), so the top's memory
+                        # stays its own to write into at the next pass (Blob._writable)
+                        b.take_diff(top[0])
+                    continue
+                g = dy * self.coeffs[i]
             else:
                 g = torch.where(self._max_idx == i, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
             b.diff_t = g

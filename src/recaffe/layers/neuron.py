@@ -158,7 +158,7 @@ class DropoutLayer(NeuronLayer):
         elif not self.scale_train:
             top[0].data_t = x * self.test_factor
         elif top[0] is not bottom[0]:
-            top[0].data_t = x
+            top[0].take_data(bottom[0])  # identity: the same memory, as Split's tops
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -171,7 +171,7 @@ class DropoutLayer(NeuronLayer):
         elif not self.scale_train:
             bottom[0].diff_t = dy * self.test_factor
         elif top[0] is not bottom[0]:
-            bottom[0].diff_t = dy
+            bottom[0].take_diff(top[0])
 
 
 @register("ReLU6")

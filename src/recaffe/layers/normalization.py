@@ -6,6 +6,7 @@ import math
 import torch
 
 from ..fillers import fill
+from .. import blob as _blob
 from ..layer import Layer, canonical_axis, register
 from ..proto import caffe_pb2
 
@@ -272,8 +273,8 @@ class BiasLayer(Layer):
                     self.blobs[0].shape))
         elif propagate_down[1]:
             bottom[1].diff_t = dy.reshape(outer, dim, inner).sum(dim=(0, 2)).reshape(bottom[1].shape)
-        if propagate_down[0]:
-            bottom[0].diff_t = dy
+        if propagate_down[0] and top[0] is not bottom[0]:
+            bottom[0].take_diff(top[0])  # dy itself (Caffe's ShareDiff)
 
 
 @register("Scale")
@@ -287,7 +288,7 @@ class ScaleLayer(Layer):
     min_bottom_blobs = 1
     max_bottom_blobs = 2
     exact_num_top_blobs = 1
-    _x_copy: torch.Tensor | None = None
+    _x: torch.Tensor | None = None
 
     def layer_setup(self, bottom, top):
         p = self.layer_param.scale_param
@@ -325,16 +326,20 @@ class ScaleLayer(Layer):
         outer, dim, inner = self.dims
         x = bottom[0].data_t
         scale = self._scale(bottom).data_t.reshape(1, dim, 1)
-        if top[0] is bottom[0] and bottom[0].data_writable and scale.dtype == x.dtype:
-            # In place, as Caffe: the input goes to a buffer kept across passes (Caffe's temp_;
-            # the scale's gradient reads it) and the output over the blob's own memory
-            if self._x_copy is None or self._x_copy.shape != x.shape:
-                self._x_copy = torch.empty_like(x)
-            self._x = self._x_copy.copy_(x)
-            y = x.view(outer, dim, inner).mul_(scale)
+        old = self._x
+        if (top[0] is bottom[0] and not bottom[0].data_is_live and old is not None and old is not x
+                and old.shape == x.shape and old.dtype == x.dtype == scale.dtype
+                and old.is_contiguous() and not torch.compiler.is_compiling()
+                and _blob._use_count(old) == 2):  # nothing else holds it
+            # In place: the scale's gradient needs the input, so it is kept (as Caffe keeps a
+            # copy in temp_) and the output goes into the input kept last pass, which nothing
+            # reads any more (the two buffers swap each pass: no copy, nothing allocated)
+            self._x = x
+            y = torch.mul(x.view(outer, dim, inner), scale, out=old.view(outer, dim, inner))
             if self.bias_term:
                 bo, bd, bi = self.bias_dims
                 y.view(bo, bd, bi).add_(self.blobs[-1].data_t.reshape(1, bd, 1))
+            top[0].data_t = old
             return
         # The scale's gradient needs x, which an in-place top replaces (or, on a live blob, overwrites).
         self._x = x.clone() if top[0] is bottom[0] and bottom[0].data_is_live else x
