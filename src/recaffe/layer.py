@@ -93,6 +93,9 @@ class Layer:
     # (Blob.mutable_data_t, batch_chunks) sets these false, per instance, to keep it.
     replaces_tops = False
     replaces_bottom_diffs = False
+    # The batch slices this layer runs in (batch_chunks; None: one call), chosen by its reshape
+    # through set_batch_chunks.
+    _chunks: list[slice] | None = None
 
     def __init__(self, param: caffe_pb2.LayerParameter, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
@@ -212,6 +215,19 @@ class Layer:
         cast = t.to(self.dtype)
         self._param_casts[index] = (key, cast)
         return cast
+
+    def set_batch_chunks(self, chunks: list[slice] | None) -> None:
+        """Run in these batch slices (None: one call). In slices a layer writes into its blobs'
+        own memory, so the net keeps their tensors rather than releasing them (replaces_*)."""
+        self._chunks = chunks
+        self.replaces_tops = self.replaces_bottom_diffs = chunks is None
+
+    def batch_slices(self) -> list[slice] | None:
+        """This pass's slices: None for one call, also while torch.compile traces (a graph takes
+        the whole batch)."""
+        if self._chunks is None or torch.compiler.is_compiling():
+            return None
+        return self._chunks
 
     def init_weight_and_bias(self, shapes: Sequence[Sequence[int]], weight_filler, bias_filler) -> None:
         """Create a weight (and bias, when two shapes are given) filled by their fillers, unless

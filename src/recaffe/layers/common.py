@@ -110,17 +110,14 @@ class SplitLayer(Layer):
             if top[0] is not bottom[0]:
                 bottom[0].take_diff(top[0])  # the same values: shared (Caffe's ShareDiff)
             return
-        if any(t is bottom[0] for t in top):
-            total = top[0].diff_t + top[1].diff_t
-            for t in top[2:]:
-                total += t.diff_t
-            bottom[0].diff_t = total
-            return
-        # the sum goes into the bottom diff's own memory (reused across passes)
-        total = bottom[0].mutable_diff_t()
-        torch.add(top[0].diff_t, top[1].diff_t, out=total)
+        # the sum goes into the bottom diff's own memory (reused across passes), unless a top is
+        # the bottom itself (its diff is a term)
+        fresh = any(t is bottom[0] for t in top)
+        total = torch.add(top[0].diff_t, top[1].diff_t, out=None if fresh else bottom[0].mutable_diff_t())
         for t in top[2:]:
             total += t.diff_t
+        if fresh:
+            bottom[0].diff_t = total
 
 
 # ---------------------------------------------------------------------------- shape helpers

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from ..fillers import fill
 from .. import blob as _blob
+from ..fillers import fill
 from ..layer import Layer, canonical_axis, register
 from ..proto import caffe_pb2
 

@@ -139,7 +139,6 @@ class _BaseConvolution(Layer):
     replaces_tops = replaces_bottom_diffs = True
     # 2-D Convolution in channels-last layout (set by the compiled fast path where it measures faster)
     channels_last = False
-    _chunks: list[slice] | None = None
     _backward_chunks: list[slice] | None = None
 
     def layer_setup(self, bottom, top):
@@ -211,30 +210,25 @@ class _BaseConvolution(Layer):
                 big, small = (sp_out, sp_in) if self.reverse else (sp_in, sp_out)
                 self._cols = _Columns(big, self._k, self._s, self._p, self._d, small, self.device)
             item = max(_prod(self._x_shape[1:]), _prod(self._y_shape[1:])) * self.dtype.itemsize
-            self._chunks = batch_chunks(num, item, self.device) if self._torch else None
+            self.set_batch_chunks(batch_chunks(num, item, self.device) if self._torch else None)
             # backward in fewer, larger slices: mkldnn's backward loses more to small batches
             # than its forward (ResNet-50 at batch 10: +13% with 4 MiB slices)
             self._backward_chunks = None if self._chunks is None else (
                 batch_chunks(num, item, self.device, 4 * _layer.CHUNK_BYTES) or [slice(0, num)])
-            # in chunks it writes into the top's (and the bottom diff's) own memory: keep it
-            self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
         for t in top:
             t.reshape(self._top_shape)
 
     def _weight(self) -> torch.Tensor:
         return self.param_t(0).reshape(self._w_shape)
 
-    def _batch_chunks(self) -> list[slice] | None:
-        """The batch slices this pass runs in (see layer.batch_chunks), None for one call (also
-        in channels-last layout and while torch.compile traces: the fast path's own choices)."""
-        if self._chunks is None or self.channels_last or torch.compiler.is_compiling():
-            return None
-        return self._chunks
+    def batch_slices(self) -> list[slice] | None:
+        """Layer.batch_slices; none in channels-last layout either (the fast path's choice)."""
+        return None if self.channels_last else super().batch_slices()
 
     def forward(self, bottom, top):
         w = self._weight()
         b = self.param_t(1) if self.bias_term else None
-        chunks = self._batch_chunks()
+        chunks = self.batch_slices()
         for bt, tp in zip(bottom, top):
             x = bt.data_t.reshape(self._x_shape)
             if chunks is None:
@@ -250,7 +244,7 @@ class _BaseConvolution(Layer):
         need_b = self.bias_term and self.param_propagate_down[1]
         mask = [False, need_w, need_b]
         # in slices, into the bottom diff's own memory (kept by the net: replaces_bottom_diffs)
-        chunks = self._backward_chunks if self._batch_chunks() is not None else None
+        chunks = self._backward_chunks if self.batch_slices() is not None else None
         whole = chunks is None
         chunks = chunks or [slice(None)]
         for tp, down, bt in zip(top, propagate_down, bottom):
@@ -568,7 +562,6 @@ class PoolingLayer(Layer):
             raise self.error(f"unknown rounding mode {self.round_mode}")
         self._geom = None
         self._idx = None
-        self._chunks = None
 
     def reshape(self, bottom, top):
         shape = bottom[0].shape
@@ -594,16 +587,16 @@ class PoolingLayer(Layer):
         # torch's MAX and AVE kernels, one top: large batches run in slices into the blobs' own
         # memory (layer.batch_chunks; the input's size bounds the kernels' scratch here)
         simple = g.fast and self.pool != _PoolMethod.STOCHASTIC and len(top) == 1
-        self._chunks = (batch_chunks(shape[0], _prod(shape[1:]) * self.dtype.itemsize, self.device)
-                        if simple else None)
-        self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
+        self.set_batch_chunks(batch_chunks(shape[0], _prod(shape[1:]) * self.dtype.itemsize, self.device)
+                              if simple else None)
 
     # ---------------------------------------------------------------- forward
     def forward(self, bottom, top):
         x = bottom[0].data_t
         g = self._geom
-        if self._chunks is not None and not torch.compiler.is_compiling():
-            self._forward_chunks(x, top[0].mutable_data_t(), g)
+        chunks = self.batch_slices()
+        if chunks is not None:
+            self._forward_sliced(chunks, x, top[0].mutable_data_t(), g)
             return
         self._idx = self._test_total = None  # the last forward's, not kept beside the new ones
         if self.pool == _PoolMethod.MAX:
@@ -622,18 +615,18 @@ class PoolingLayer(Layer):
             y = self._stochastic_test(x, g)
         top[0].data_t = y
 
-    def _forward_chunks(self, x, y, g):
+    def _forward_sliced(self, chunks, x, y, g):
         if self.pool == _PoolMethod.AVE:
-            for s in self._chunks:
+            for s in chunks:
                 y[s] = F.avg_pool2d(x[s], self.kernel, self.stride, self.pad, g.ceil, True)
             return
         if self._idx is None or self._idx.shape != y.shape:
             self._idx = torch.empty(y.shape, dtype=torch.int32, device=y.device)
-        for s in self._chunks:
+        for s in chunks:
             y[s], self._idx[s] = self._max_forward(x[s], g)
 
-    def _backward_chunks(self, dy, x, dx, g):
-        for s in self._chunks:
+    def _backward_sliced(self, chunks, dy, x, dx, g):
+        for s in chunks:
             if self.pool == _PoolMethod.MAX:
                 torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
                     dy[s], x[s], self.kernel, self.stride, self.pad, [1, 1], g.ceil,
@@ -709,8 +702,9 @@ class PoolingLayer(Layer):
         dy = top[0].diff_t
         x = bottom[0].data_t
         g = self._geom
-        if self._chunks is not None and not torch.compiler.is_compiling():
-            self._backward_chunks(dy, x, bottom[0].mutable_diff_t(), g)
+        chunks = self.batch_slices()
+        if chunks is not None:
+            self._backward_sliced(chunks, dy, x, bottom[0].mutable_diff_t(), g)
             return
         if self.pool == _PoolMethod.MAX:
             if len(top) > 1:
@@ -777,7 +771,6 @@ class LRNLayer(Layer):
     exact_num_bottom_blobs = 1
     exact_num_top_blobs = 1
     replaces_tops = replaces_bottom_diffs = True
-    _chunks: list[slice] | None = None
     _scale: torch.Tensor | None = None
 
     def layer_setup(self, bottom, top):
@@ -805,9 +798,8 @@ class LRNLayer(Layer):
         top[0].reshape_like(bottom[0])
         # large batches run in slices into the blobs' own memory and a kept scale buffer
         # (layer.batch_chunks): the temporaries are the window sums of a slice
-        self._chunks = (batch_chunks(n, c * h * w * self.dtype.itemsize, self.device)
-                        if top[0] is not bottom[0] else None)
-        self.replaces_tops = self.replaces_bottom_diffs = self._chunks is None
+        self.set_batch_chunks(batch_chunks(n, c * h * w * self.dtype.itemsize, self.device)
+                              if top[0] is not bottom[0] else None)
 
     def _window_mean(self, v):
         """Mean over the window (zero padded): channels for ACROSS, h x w for WITHIN."""
@@ -830,7 +822,7 @@ class LRNLayer(Layer):
 
     def forward(self, bottom, top):
         x = bottom[0].data_t
-        chunks = None if torch.compiler.is_compiling() else self._chunks
+        chunks = self.batch_slices()
         if chunks is None:
             self._scale = None  # the last forward's, not kept beside the new one
             scale = self._scale_of(x)
@@ -849,7 +841,7 @@ class LRNLayer(Layer):
         if not propagate_down[0]:
             return
         dy, x, y, scale = top[0].diff_t, bottom[0].data_t, top[0].data_t, self._scale
-        chunks = None if torch.compiler.is_compiling() else self._chunks
+        chunks = self.batch_slices()
         if chunks is None:
             bottom[0].diff_t = self._bottom_diff(dy, x, y, scale)
             return
