@@ -374,19 +374,20 @@ class Blob:
     def take_data(self, other: "Blob") -> None:
         """This blob's data becomes ``other``'s values (same count): shared, as Caffe's ShareData,
         unless Python holds arrays over this data, which then get the values copied in."""
-        self._take(self._data, other, other._data, other.data_t)
+        if self._holds_arrays(self._data):
+            self.data_t = other.data_t.reshape(self._shape)
+        else:
+            self.share_data(other)
 
     def take_diff(self, other: "Blob") -> None:
         """As take_data, for the diff (an identity layer's backward: Caffe's ShareDiff or copy)."""
-        self._take(self._diff, other, other._diff, other.diff_t)
-
-    def _take(self, s: _Synced, other: "Blob", other_s: _Synced, t: torch.Tensor) -> None:
-        if self._direct and s.live is not None and s.shared_from is None:
-            self._set(s, t.reshape(self._shape))  # arrays Python holds stay live
+        if self._holds_arrays(self._diff):
+            self.diff_t = other.diff_t.reshape(self._shape)
         else:
-            if other.count() != self.count():
-                raise ValueError(f"cannot share: counts {other.count()} and {self.count()} differ")
-            self._share(s, other, other_s, t)
+            self.share_diff(other)
+
+    def _holds_arrays(self, s: _Synced) -> bool:
+        return self._direct and s.live is not None and s.shared_from is None
 
     def share_diff(self, other: "Blob") -> None:
         if other.count() != self.count():
