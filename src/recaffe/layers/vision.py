@@ -212,9 +212,10 @@ class _BaseConvolution(Layer):
             item = max(_prod(self._x_shape[1:]), _prod(self._y_shape[1:])) * self.dtype.itemsize
             self.set_batch_chunks(batch_chunks(num, item, self.device) if self._torch else None)
             # backward in fewer, larger slices: mkldnn's backward loses more to small batches
-            # than its forward (ResNet-50 at batch 10: +13% with 4 MiB slices)
+            # than its forward (ResNet-50 at batch 10: +13% with 4 MiB slices; 8 MiB ones are
+            # level with 16 MiB ones, which raise SqueezeNet's `caffe time` peak by 20-30 MiB)
             self._backward_chunks = None if self._chunks is None else (
-                batch_chunks(num, item, self.device, 4 * _layer.CHUNK_BYTES) or [slice(0, num)])
+                batch_chunks(num, item, self.device, 2 * _layer.CHUNK_BYTES) or [slice(0, num)])
         for t in top:
             t.reshape(self._top_shape)
 
